@@ -1,0 +1,1 @@
+"""ACIS in JAX: anatomically constrained synthesis of CT image-annotation pairs."""

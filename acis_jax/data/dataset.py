@@ -1,0 +1,142 @@
+"""Cases in the nnU-Net / Medical Segmentation Decathlon layout, loaded and checked.
+
+  DATA_DIR/imagesTr/NAME.nii.gz   HU image (or NAME_0000.nii.gz, nnU-Net's channel 0; one channel)
+  DATA_DIR/labelsTr/NAME.nii.gz   integer label map on the image's grid, 0 = background
+
+Files whose names start with "." are skipped (macOS "._NAME.nii.gz" copies ship in the Decathlon
+archives; our own unfinished writes are hidden files too).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from acis_jax.data.nifti import Volume, load_nifti
+from acis_jax.data.preprocess import preprocess_case
+
+_CHANNEL = re.compile(r"^(?P<name>.+)_(?P<channel>\d{4})$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """One image and (optionally) its label map; `name` is the file name without extension and
+  channel suffix."""
+
+  name: str
+  image_path: Path
+  label_path: Path | None
+
+
+def _nifti_stem(path: Path) -> str | None:
+  """NAME for NAME.nii.gz / NAME.nii, None for anything else."""
+  for suffix in (".nii.gz", ".nii"):
+    if path.name.endswith(suffix) and not path.name.startswith("."):
+      return path.name[: -len(suffix)]
+  return None
+
+
+def _nifti_files(folder: Path) -> dict[str, Path]:
+  files: dict[str, Path] = {}
+  for path in sorted(folder.iterdir()):
+    stem = _nifti_stem(path)
+    if stem is None or not path.is_file():
+      continue
+    if stem in files:
+      raise ValueError(f"{folder}: both {files[stem].name} and {path.name} exist")
+    files[stem] = path
+  return files
+
+
+def find_cases(data_dir: str | os.PathLike, *, require_labels: bool = True) -> list[Case]:
+  """Lists the cases under data_dir (layout in the module docstring), sorted by name.
+
+  Raises:
+    ValueError for a missing data_dir or imagesTr, an imagesTr without NIfTI files, a
+    multi-channel case, or (require_labels=True) an image without labelsTr/NAME.nii(.gz).
+  """
+  data_dir = Path(data_dir)
+  if not data_dir.is_dir():
+    raise ValueError(f"{data_dir}: data folder does not exist")
+  images_dir, labels_dir = data_dir / "imagesTr", data_dir / "labelsTr"
+  if not images_dir.is_dir():
+    raise ValueError(
+        f"{data_dir}: no imagesTr folder (expected the nnU-Net layout imagesTr/, labelsTr/)")
+  images = _nifti_files(images_dir)
+  if not images:
+    raise ValueError(f"{images_dir}: no .nii or .nii.gz images")
+  labels = _nifti_files(labels_dir) if labels_dir.is_dir() else {}
+
+  by_name: dict[str, Path] = {}
+  for stem, path in images.items():
+    match = _CHANNEL.match(stem)
+    # NAME_0000 is channel 0 of NAME unless a label is named after the full stem (a case
+    # whose own name ends in four digits).
+    if match and stem not in labels:
+      if match["channel"] != "0000":
+        raise ValueError(
+            f"{path}: channel {match['channel']} found; only single-channel images are supported")
+      stem = match["name"]
+    if stem in by_name:
+      raise ValueError(
+          f"{images_dir}: two images for case {stem}: {by_name[stem].name} and {path.name}")
+    by_name[stem] = path
+
+  cases = []
+  for name, image_path in sorted(by_name.items()):
+    label_path = labels.get(name)
+    if label_path is None and require_labels:
+      raise ValueError(f"{image_path}: no label map; expected {labels_dir / (name + '.nii.gz')}")
+    cases.append(Case(name=name, image_path=image_path, label_path=label_path))
+  return cases
+
+
+def check_label_map(label: Volume, *, require_foreground: bool = True) -> Volume:
+  """The label map in the smallest of uint8 / uint16 / int32 that holds it.
+
+  Raises:
+    ValueError naming the file for non-numeric, non-integer or negative values, or (with
+    require_foreground) a map that is all background.
+  """
+  array = label.array
+  if array.dtype.kind not in "biuf":
+    raise ValueError(f"{label.path}: label map has dtype {array.dtype}")
+  if array.dtype.kind == "f" and not np.array_equal(array, np.round(array)):
+    raise ValueError(f"{label.path}: label map has non-integer values")
+  if array.size and array.min() < 0:
+    raise ValueError(f"{label.path}: label map has negative values")
+  if require_foreground and not array.any():
+    raise ValueError(f"{label.path}: label map is empty (all background)")
+  top = int(array.max()) if array.size else 0
+  dtype = next(t for t in (np.uint8, np.uint16, np.int32) if top <= np.iinfo(t).max)
+  return Volume(array.astype(dtype), label.affine, label.path)
+
+
+def load_case(
+    case: Case, shape: Sequence[int] | None, *, require_labels: bool = True
+) -> tuple[Volume, Volume | None]:
+  """Loads a case, checks it and preprocesses it (window to [0, 1], resize to `shape`).
+
+  Returns:
+    image: float32 in [0, 1] on the resized grid (affine updated, field of view kept).
+    label: unsigned integer labels on the same grid, or None when the case has none.
+
+  Raises:
+    ValueError naming the file for unreadable or bad volumes (see load_nifti), a missing label
+    map when require_labels, a non-integer, negative or all-background label map, image and
+    label on different grids, or a `shape` whose rank differs from the image's.
+  """
+  image = load_nifti(case.image_path)
+  label = None
+  if case.label_path is not None:
+    label = check_label_map(load_nifti(case.label_path), require_foreground=require_labels)
+  elif require_labels:
+    raise ValueError(f"{case.image_path}: case {case.name} has no label map")
+  if shape is not None and len(shape) != image.array.ndim:
+    raise ValueError(
+        f"{case.image_path}: image is {image.array.ndim}-D, cannot resize to {tuple(shape)}")
+  return preprocess_case(image, label, shape)

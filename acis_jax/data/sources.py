@@ -1,0 +1,109 @@
+"""Where a run's images come from: an nnU-Net folder, the sample CTs or the phantom.
+
+`load_examples(config.data)` returns preprocessed examples (HU window to [0, 1],
+resized to `image_shape`, geometry in the affine). A 2-D `image_shape` takes
+axial slices of each volume; a 3-D one takes whole volumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from acis_jax.data.dataset import check_label_map, find_cases
+from acis_jax.data.nifti import Volume, axial_axis, load_nifti
+from acis_jax.data.phantom import PHANTOM_SPACING_MM, chest_phantom
+from acis_jax.data.preprocess import check_same_grid, preprocess_case
+from acis_jax.data.sample import sample_abdomen_ct, sample_chest_ct
+
+BUILT_IN = {"chest": sample_chest_ct, "abdomen": sample_abdomen_ct}
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+  """One preprocessed case: image in [0, 1], integer labels or None."""
+
+  name: str
+  image: Volume
+  label: Volume | None
+
+
+def axial_slice(volume: Volume, index: int) -> Volume:
+  """The 2-D axial slice `index` of a 3-D volume, with an affine that places it.
+
+  The 2-D array keeps the in-plane axes in their order; the affine's columns
+  are those axes, then the slice normal, and its origin moves to the slice.
+  """
+  axis = axial_axis(volume.affine)
+  in_plane = [a for a in range(3) if a != axis]
+  affine = np.eye(4)
+  affine[:3, :3] = volume.affine[:3, in_plane + [axis]]
+  affine[:3, 3] = volume.affine[:3, axis] * index + volume.affine[:3, 3]
+  array = np.take(volume.array, index, axis=axis)
+  return Volume(array=array, affine=affine, path=volume.path)
+
+
+def slice_indices(depth: int, num_slices: int, band: tuple[float, float]) -> list[int]:
+  """`num_slices` evenly spaced indices inside the fraction `band` of `depth`."""
+  low, high = band
+  if not 0.0 <= low <= high <= 1.0:
+    raise ValueError(f"slice band must satisfy 0 <= low <= high <= 1, got {band}")
+  positions = np.linspace(low * (depth - 1), high * (depth - 1), num_slices + 2)[1:-1]
+  return sorted({int(round(p)) for p in positions})
+
+
+def _raw_cases(data: Any) -> list[tuple[str, Volume, Volume | None]]:
+  """Unprocessed (name, HU image, labels) triples, grids checked."""
+  if data.data_dir:
+    cases = find_cases(data.data_dir, require_labels=data.require_labels)
+  elif data.sample == "phantom":
+    hu, labels = chest_phantom(tuple(data.image_shape), seed=data.phantom_seed)
+    affine = np.diag([PHANTOM_SPACING_MM] * 3 + [1.0])
+    return [("phantom", Volume(hu, affine), Volume(labels, affine))]
+  elif data.sample in BUILT_IN:
+    cases = [BUILT_IN[data.sample]()]
+  else:
+    raise ValueError(f"data.sample must be one of {sorted(BUILT_IN) + ['phantom']}, "
+                     f"got {data.sample!r}")
+  if data.max_cases:
+    cases = cases[:data.max_cases]
+  triples = []
+  for case in cases:
+    image = load_nifti(case.image_path)
+    label = None
+    if case.label_path:
+      label = check_label_map(load_nifti(case.label_path), require_foreground=data.require_labels)
+      check_same_grid(image, label)
+    triples.append((case.name, image, label))
+  return triples
+
+
+def load_examples(data: Any) -> list[Example]:
+  """Loads and preprocesses the examples that `data` (a config section) names.
+
+  Fields: `data_dir` (an nnU-Net folder; empty for a built-in sample),
+  `sample` ("chest", "abdomen" or "phantom"), `image_shape` (2 or 3 ints),
+  `require_labels`, `max_cases` (0 = all), and for 2-D runs `num_slices` and
+  `slice_band` (fractions of the axial extent to take slices from).
+  """
+  shape = tuple(data.image_shape)
+  if len(shape) not in (2, 3):
+    raise ValueError(f"data.image_shape must have 2 or 3 entries, got {shape}")
+  examples = []
+  for name, image, label in _raw_cases(data):
+    if image.array.ndim == len(shape):
+      pairs = [(name, image, label)]
+    elif image.array.ndim == 3 and len(shape) == 2:
+      depth = image.array.shape[axial_axis(image.affine)]
+      pairs = [(f"{name}_z{index:03d}", axial_slice(image, index),
+                None if label is None else axial_slice(label, index))
+               for index in slice_indices(depth, data.num_slices, tuple(data.slice_band))]
+    else:
+      raise ValueError(f"{image.path or name}: a {image.array.ndim}-D image cannot feed a "
+                       f"{len(shape)}-D run (data.image_shape={shape})")
+    for slice_name, slice_image, slice_label in pairs:
+      image_out, label_out = preprocess_case(slice_image, slice_label, shape)
+      examples.append(Example(slice_name, image_out, label_out))
+  return examples

@@ -1,0 +1,220 @@
+"""Rank-agnostic building blocks: one code path for 2-D `(b, H, W, C)` and 3-D `(b, D, H, W, C)`.
+
+Every block takes the spatial rank `ndim` as a constructor argument; kernels are `(k,) * ndim`.
+`dtype` is the compute dtype (e.g. `jnp.bfloat16` for 3-D memory); parameters stay float32.
+Dropout is driven by an explicit key at call time: `key=None` means deterministic, so a module
+holds parameters only (no RNG state) and works in NNX graph and tree mode alike.
+"""
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+NORMS = ("group", "instance", "layer", "none")
+ACTIVATIONS = {
+    "relu": jax.nn.relu,
+    "leaky_relu": lambda x: jax.nn.leaky_relu(x, 0.2),
+    "silu": jax.nn.silu,
+    "gelu": jax.nn.gelu,
+}
+DOWN_MODES = ("conv", "pool")
+UP_MODES = ("nearest", "linear", "transpose")
+# At most this many groups in "group" norm (fewer when the width is not a multiple).
+MAX_GROUPS = 8
+
+
+def check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+  """Raises a ValueError naming `name` unless `value` is one of `choices`."""
+  if value not in choices:
+    raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def check_ndim(ndim: int) -> None:
+  if ndim not in (1, 2, 3):
+    raise ValueError(f"ndim (spatial rank) must be 1, 2 or 3, got {ndim!r}")
+
+
+def check_input(x: jax.Array, ndim: int, channels: int, name: str) -> None:
+  """Raises a ValueError unless `x` is `(batch, *spatial, channels)` with `ndim` spatial axes."""
+  if x.ndim != ndim + 2 or x.shape[-1] != channels:
+    raise ValueError(f"{name} must have shape (batch, *spatial[{ndim}], {channels}), "
+                     f"got {x.shape}")
+
+
+def check_divisible(spatial: Sequence[int], factor: int, name: str) -> None:
+  """Raises a ValueError unless every spatial size is a multiple of `factor`."""
+  if any(s % factor for s in spatial):
+    raise ValueError(f"{name}: every spatial size must be a multiple of {factor} "
+                     f"(2 ** number of down-sampling levels), got {tuple(spatial)}")
+
+
+def make_norm(kind: str, features: int, *, dtype: Any, rngs: nnx.Rngs) -> nnx.GroupNorm | None:
+  """A per-sample normalisation over spatial axes (no batch statistics), or None for "none".
+
+  "instance": one group per channel; "layer": one group for all channels; "group": up to
+  `MAX_GROUPS` groups. Per-sample statistics keep the WGAN-GP gradient penalty well defined.
+  """
+  check_choice("norm", kind, NORMS)
+  if kind == "none":
+    return None
+  groups = {"instance": features, "layer": 1, "group": math.gcd(MAX_GROUPS, features)}[kind]
+  return nnx.GroupNorm(features, num_groups=groups, epsilon=1e-5, dtype=dtype, rngs=rngs)
+
+
+def conv(in_features: int, out_features: int, ndim: int, *, kernel_size: int = 3,
+         stride: int = 1, padding: str | int = "SAME", dtype: Any = None,
+         kernel_init: Any = None, rngs: nnx.Rngs) -> nnx.Conv:
+  """An `ndim`-D convolution; an int `padding` pads that many voxels on both sides."""
+  if isinstance(padding, int):
+    padding = ((padding, padding),) * ndim
+  extra = {} if kernel_init is None else {"kernel_init": kernel_init}
+  return nnx.Conv(in_features, out_features, (kernel_size,) * ndim, (stride,) * ndim,
+                  padding=padding, dtype=dtype, param_dtype=jnp.float32, rngs=rngs, **extra)
+
+
+class ConvBlock(nnx.Module):
+  """Convolution -> normalisation -> activation."""
+
+  def __init__(self, in_features: int, out_features: int, ndim: int, *, kernel_size: int = 3,
+               stride: int = 1, padding: str | int = "SAME", norm: str = "group",
+               activation: str = "leaky_relu", dtype: Any = None, rngs: nnx.Rngs):
+    check_choice("activation", activation, tuple(ACTIVATIONS))
+    self.conv = conv(in_features, out_features, ndim, kernel_size=kernel_size, stride=stride,
+                     padding=padding, dtype=dtype, rngs=rngs)
+    self.norm = make_norm(norm, out_features, dtype=dtype, rngs=rngs)
+    self.activation = activation
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = self.conv(x)
+    if self.norm is not None:
+      x = self.norm(x)
+    return ACTIVATIONS[self.activation](x)
+
+
+class ConvStage(nnx.Module):
+  """`num_convs` 3-wide ConvBlocks at one resolution, then optional dropout.
+
+  Dropout runs only when a key is given. `remat=True` recomputes the stage's activations in
+  the backward pass instead of storing them (memory for compute, for 3-D volumes).
+  """
+
+  def __init__(self, in_features: int, out_features: int, ndim: int, *, num_convs: int = 2,
+               norm: str = "group", activation: str = "leaky_relu", dropout: float = 0.0,
+               remat: bool = False, dtype: Any = None, rngs: nnx.Rngs):
+    if num_convs < 1:
+      raise ValueError(f"num_convs must be at least 1, got {num_convs}")
+    if not 0.0 <= dropout < 1.0:
+      raise ValueError(f"dropout rate must be in [0, 1), got {dropout}")
+    widths = [in_features] + [out_features] * num_convs
+    self.blocks = nnx.List([
+        ConvBlock(a, b, ndim, norm=norm, activation=activation, dtype=dtype, rngs=rngs)
+        for a, b in zip(widths[:-1], widths[1:])])
+    self.dropout = nnx.Dropout(dropout) if dropout > 0 else None
+    self.remat = remat
+
+  def _forward(self, x: jax.Array, key: jax.Array | None) -> jax.Array:
+    for block in self.blocks:
+      x = block(x)
+    if self.dropout is not None:
+      x = self.dropout(x, deterministic=key is None, rngs=key)
+    return x
+
+  def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
+    if self.remat:
+      return nnx.remat(ConvStage._forward)(self, x, key)
+    return self._forward(x, key)
+
+
+class Down(nnx.Module):
+  """Halves every spatial size, keeping the channels: strided conv (kernel 4, pad 1) or max pool."""
+
+  def __init__(self, features: int, ndim: int, *, mode: str = "conv", dtype: Any = None,
+               rngs: nnx.Rngs):
+    check_choice("down", mode, DOWN_MODES)
+    self.ndim = ndim
+    self.conv = (conv(features, features, ndim, kernel_size=4, stride=2, padding=1, dtype=dtype,
+                      rngs=rngs) if mode == "conv" else None)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if self.conv is not None:
+      return self.conv(x)
+    return nnx.max_pool(x, (2,) * self.ndim, strides=(2,) * self.ndim)
+
+
+class Up(nnx.Module):
+  """Doubles every spatial size, keeping the channels: nearest/linear resize or transposed conv."""
+
+  def __init__(self, features: int, ndim: int, *, mode: str = "nearest", dtype: Any = None,
+               rngs: nnx.Rngs):
+    check_choice("up", mode, UP_MODES)
+    self.ndim = ndim
+    self.mode = mode
+    self.conv = (nnx.ConvTranspose(features, features, (2,) * ndim, (2,) * ndim, padding="VALID",
+                                   dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+                 if mode == "transpose" else None)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if self.conv is not None:
+      return self.conv(x)
+    if self.mode == "nearest":
+      for axis in range(1, self.ndim + 1):
+        x = jnp.repeat(x, 2, axis=axis)
+      return x
+    shape = (x.shape[0], *(2 * s for s in x.shape[1:-1]), x.shape[-1])
+    return jax.image.resize(x, shape, "linear")
+
+
+class UNet(nnx.Module):
+  """A U-Net trunk: `(b, *spatial, in_features)` -> `(b, *spatial, features[0])`.
+
+  Level `i` works at `spatial / 2**i` with `features[i]` channels; every spatial size must be a
+  multiple of `2 ** (len(features) - 1)`. Encoder: a ConvStage per level, `Down` between levels.
+  Decoder: `Up`, concatenate the encoder's skip, a ConvStage. Dropout (when a key is given)
+  follows the `dropout_stages` deepest decoder stages (None: every decoder stage); pix2pix uses 3.
+  """
+
+  def __init__(self, in_features: int, ndim: int, *, features: Sequence[int] = (32, 64, 128, 256),
+               convs_per_level: int = 2, norm: str = "group", activation: str = "leaky_relu",
+               down: str = "conv", up: str = "nearest", dropout: float = 0.0,
+               dropout_stages: int | None = None, remat: bool = False, dtype: Any = None,
+               rngs: nnx.Rngs):
+    check_ndim(ndim)
+    features = tuple(int(f) for f in features)
+    if len(features) < 2:
+      raise ValueError(f"features needs at least two levels, got {features}")
+    self.ndim = ndim
+    self.in_features = in_features
+    self.features = features
+    levels = len(features)
+    n_drop = levels - 1 if dropout_stages is None else min(dropout_stages, levels - 1)
+    stage = dict(num_convs=convs_per_level, norm=norm, activation=activation, remat=remat,
+                 dtype=dtype, rngs=rngs)
+    self.encoder = nnx.List([ConvStage(in_features, features[0], ndim, **stage)] + [
+        ConvStage(features[i - 1], features[i], ndim, **stage) for i in range(1, levels)])
+    self.downs = nnx.List([Down(features[i], ndim, mode=down, dtype=dtype, rngs=rngs)
+                           for i in range(levels - 1)])
+    self.ups = nnx.List([Up(features[i + 1], ndim, mode=up, dtype=dtype, rngs=rngs)
+                         for i in range(levels - 1)])
+    # decoder[i] produces level i; the n_drop deepest ones (largest i) carry dropout.
+    self.decoder = nnx.List([
+        ConvStage(features[i + 1] + features[i], features[i], ndim,
+                  dropout=dropout if i >= levels - 1 - n_drop else 0.0, **stage)
+        for i in range(levels - 1)])
+
+  def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
+    check_input(x, self.ndim, self.in_features, "UNet input")
+    check_divisible(x.shape[1:-1], 2 ** (len(self.features) - 1), "UNet input")
+    skips = []
+    for i, stage in enumerate(self.encoder):
+      if i > 0:
+        x = self.downs[i - 1](x)
+      x = stage(x)
+      skips.append(x)
+    for i in reversed(range(len(self.decoder))):
+      x = self.ups[i](x)
+      x = jnp.concatenate([x, skips[i].astype(x.dtype)], axis=-1)
+      x = self.decoder[i](x, None if key is None else jax.random.fold_in(key, i))
+    return x

@@ -1,0 +1,58 @@
+"""Training progress: one JSON object per line in WORKDIR/metrics.jsonl, a readable console line.
+
+Only process 0 writes, so a multi-host run logs once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Mapping
+
+from absl import logging
+import jax
+
+
+def _format_duration(seconds: float) -> str:
+  seconds = int(round(seconds))
+  hours, rest = divmod(seconds, 3600)
+  minutes, seconds = divmod(rest, 60)
+  return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
+
+
+class Progress:
+  """Logs a stage's steps: `metrics.jsonl` rows and a console line with rate and ETA.
+
+  The rate counts steps since this object was made, so a resumed run reports
+  its own speed, not one diluted by the steps restored from a checkpoint.
+  """
+
+  def __init__(self, workdir: str, stage: str, first_step: int, total_steps: int):
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.stage = stage
+    self.first_step = first_step
+    self.total_steps = total_steps
+    self.start = time.perf_counter()
+    self.enabled = jax.process_index() == 0
+    if self.enabled:
+      os.makedirs(workdir, exist_ok=True)
+
+  def steps_per_second(self, step: int) -> float:
+    elapsed = time.perf_counter() - self.start
+    return (step - self.first_step) / elapsed if elapsed > 0 else 0.0
+
+  def log(self, step: int, metrics: Mapping[str, float]) -> None:
+    """Records the metrics after `step` steps of this stage (1-based count)."""
+    if not self.enabled:
+      return
+    rate = self.steps_per_second(step)
+    row = {"stage": self.stage, "step": step, **{k: float(v) for k, v in metrics.items()},
+           "steps_per_s": rate}
+    with open(self.path, "a") as f:
+      f.write(json.dumps(row) + "\n")
+    eta = (self.total_steps - step) / rate if rate > 0 else float("nan")
+    losses = "  ".join(f"{k} {float(v):.4g}" for k, v in metrics.items())
+    logging.info("[%s] step %d/%d  %s  (%.2f steps/s, ETA %s)", self.stage, step,
+                 self.total_steps, losses, rate,
+                 _format_duration(eta) if eta == eta else "?")

@@ -1,0 +1,354 @@
+"""Pure training steps of the ACIS stages (paper sec 2.2-2.3, DESIGN.md).
+
+Each `make_*_step(ctx)` returns `step(state, frozen, batch, key) -> (state, metrics)`:
+- `state`: `{"params": {network: nnx.State}, "opt_state": {network: optax state},
+  "extras": {...}}`, the only thing that changes (the trainer donates it);
+- `frozen`: `{network: nnx.State}` of earlier stages' networks, read only;
+- `batch`: `{"image": (b, *spatial, 1) in [0, 1], "labels": (b, *spatial) int}` (labels absent
+  in label-free runs) plus `"pair_image"` for registration;
+- `key`: this step's key (the trainer folds the step number into the run's key).
+Graph definitions and hyper-parameters live in `ctx` (static). Every example gets
+its own key from `split(key, batch)`, so a batch split over devices computes
+exactly what one device would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+import optax
+
+from acis_jax.data.augment import AugmentParams, augment
+from acis_jax.pseudomask import PseudoMaskParams, pseudo_mask
+from acis_jax.spatial import appearance_uncertainty, folding_fraction, label_consistency, warp
+from acis_jax.train import losses
+
+
+@dataclasses.dataclass(frozen=True)
+class StepContext:
+  """What a step needs besides arrays: graph definitions, optimizers, settings."""
+
+  graphdefs: dict[str, nnx.GraphDef]
+  optimizers: dict[str, optax.GradientTransformation]
+  num_classes: int
+  latent_dim: int
+  pseudomask: PseudoMaskParams
+  augment: AugmentParams
+  train: Any   # config.train (loss weights, n_critic, ...)
+  refine: Any  # config.refine
+
+  def net(self, name: str, params) -> nnx.Module:
+    return nnx.merge(self.graphdefs[name], params)
+
+
+def apply_gradients(ctx: StepContext, state: dict, name: str, grads) -> tuple[dict, jax.Array]:
+  """One optimizer update of network `name`; returns the new state and the gradient norm."""
+  params = state["params"][name]
+  updates, opt_state = ctx.optimizers[name].update(grads, state["opt_state"][name], params)
+  new_state = {
+      **state,
+      "params": {**state["params"], name: optax.apply_updates(params, updates)},
+      "opt_state": {**state["opt_state"], name: opt_state},
+  }
+  return new_state, optax.tree.norm(grads)
+
+
+def one_hot(ctx: StepContext, labels: jax.Array) -> jax.Array:
+  return jax.nn.one_hot(labels, ctx.num_classes, dtype=jnp.float32)
+
+
+def prepare_real(ctx: StepContext, batch: dict, key: jax.Array, with_masks: bool = True):
+  """Augments the real batch and makes pseudo-masks of the augmented images (sec 2.1).
+
+  Returns `(image, labels or None, pseudo_mask or None)`; fresh keys every step
+  give the "unlimited masks" of sec 2.2.
+  """
+  image, labels = batch["image"], batch.get("labels")
+  size = image.shape[0]
+  aug_keys, mask_keys = jnp.split(jax.random.split(key, 2 * size), 2)
+  image, labels, _ = jax.vmap(
+      lambda k, x, y: augment(k, x, y, ctx.num_classes, ctx.augment))(aug_keys, image, labels)
+  masks = None
+  if with_masks:
+    masks = jax.vmap(lambda k, x: pseudo_mask(k, x[..., 0], ctx.pseudomask).mask)(
+        mask_keys, image)[..., None]
+  return image, labels, masks
+
+
+def generated_masks(ctx: StepContext, frozen: dict, size: int, key: jax.Array) -> jax.Array:
+  """Pseudo-masks `(size, *spatial, 1)` from the frozen mask generator."""
+  z = jax.random.normal(key, (size, ctx.latent_dim))
+  return ctx.net("mask_generator", frozen["mask_generator"])(z)
+
+
+def generated_pairs(ctx: StepContext, frozen: dict, size: int, key: jax.Array):
+  """Generated pseudo-masks and hard labels (None when label-free) from the stage-1 generators."""
+  masks = generated_masks(ctx, frozen, size, key)
+  if not ctx.num_classes:
+    return masks, None
+  logits = ctx.net("annotation_generator", frozen["annotation_generator"])(masks)
+  return masks, jnp.argmax(logits, axis=-1)
+
+
+def _condition(ctx: StepContext, masks, labels):
+  """What the image generator and discriminator see beside the image."""
+  return masks if labels is None else jnp.concatenate([masks, one_hot(ctx, labels)], axis=-1)
+
+
+def make_masks_step(ctx: StepContext) -> Callable:
+  """Stage 1: mask generator vs WGAN-GP critic; annotation generator, supervised + adversarial."""
+  train = ctx.train
+
+  def step(state, frozen, batch, key):
+    del frozen
+    prep_key, z_key, gp_key, drop_key = jax.random.split(key, 4)
+    image, labels, masks = prepare_real(ctx, batch, prep_key)
+    z = jax.random.normal(z_key, (image.shape[0], ctx.latent_dim))
+
+    def critic_loss(params):
+      critic = ctx.net("mask_critic", params)
+      fake = ctx.net("mask_generator", state["params"]["mask_generator"])(z)
+      return losses.wgan_gp_critic_loss(critic, masks, jax.lax.stop_gradient(fake), gp_key,
+                                        train.gradient_penalty)
+
+    critic_value, grads = jax.value_and_grad(critic_loss)(state["params"]["mask_critic"])
+    state, critic_norm = apply_gradients(ctx, state, "mask_critic", grads)
+
+    def generator_loss(params):
+      fake = ctx.net("mask_generator", params)(z)
+      return losses.wgan_generator_loss(ctx.net("mask_critic", state["params"]["mask_critic"])(fake))
+
+    # The generator moves once per `n_critic` critic updates (WGAN-GP's schedule).
+    def update_generator(state):
+      value, grads = jax.value_and_grad(generator_loss)(state["params"]["mask_generator"])
+      state, norm = apply_gradients(ctx, state, "mask_generator", grads)
+      return state, value, norm
+
+    def skip_generator(state):
+      return state, generator_loss(state["params"]["mask_generator"]), jnp.float32(0.0)
+
+    state, generator_value, generator_norm = jax.lax.cond(
+        state["extras"]["step"] % train.n_critic == 0, update_generator, skip_generator, state)
+    metrics = {"critic_loss": critic_value, "mask_generator_loss": generator_value,
+               "critic_grad_norm": critic_norm, "mask_generator_grad_norm": generator_norm}
+
+    if ctx.num_classes:
+      real_pair = _condition(ctx, masks, labels)
+
+      def annotation_loss(params):
+        logits = ctx.net("annotation_generator", params)(masks, key=drop_key)
+        supervised = losses.dice_ce_loss(logits, labels, ctx.num_classes)
+        fake_pair = jnp.concatenate([masks, jax.nn.softmax(logits)], axis=-1)
+        disc = ctx.net("label_discriminator", state["params"]["label_discriminator"])
+        adversarial = losses.lsgan_generator_loss(disc(fake_pair))
+        return supervised + train.adversarial_weight * adversarial, (logits, supervised)
+
+      (_, (logits, supervised)), grads = jax.value_and_grad(annotation_loss, has_aux=True)(
+          state["params"]["annotation_generator"])
+      state, _ = apply_gradients(ctx, state, "annotation_generator", grads)
+      fake_pair = jnp.concatenate([masks, jax.nn.softmax(jax.lax.stop_gradient(logits))], -1)
+
+      def discriminator_loss(params):
+        disc = ctx.net("label_discriminator", params)
+        return losses.lsgan_discriminator_loss(disc(real_pair), disc(fake_pair))
+
+      disc_value, grads = jax.value_and_grad(discriminator_loss)(
+          state["params"]["label_discriminator"])
+      state, _ = apply_gradients(ctx, state, "label_discriminator", grads)
+      metrics |= {"annotation_loss": supervised, "label_discriminator_loss": disc_value}
+    return _count(state), metrics
+
+  return step
+
+
+def make_images_step(ctx: StepContext, finetune: bool) -> Callable:
+  """Stage 2: pix2pix image generator vs a PatchGAN that sees image, pseudo-mask and labels.
+
+  Phase 1 (`finetune=False`) conditions on real pseudo-masks and labels. Phase 2
+  conditions the adversarial term on generated pseudo-masks and labels (sec 2.2)
+  and keeps the reconstruction term on the real batch, which anchors the
+  generator while it adapts.
+  """
+  train = ctx.train
+
+  def step(state, frozen, batch, key):
+    prep_key, gen_key, drop_key, fake_drop_key = jax.random.split(key, 4)
+    image, labels, masks = prepare_real(ctx, batch, prep_key)
+    real_condition = _condition(ctx, masks, labels)
+    if finetune:
+      fake_condition = _condition(ctx, *generated_pairs(ctx, frozen, image.shape[0], gen_key))
+    else:
+      fake_condition = real_condition
+
+    def generate(params, condition, key):
+      labels_in = None if not ctx.num_classes else condition[..., 1:]
+      return ctx.net("image_generator", params)(condition[..., :1], labels_in, key=key)
+
+    def generator_loss(params):
+      reconstruction = generate(params, real_condition, drop_key)
+      fake = reconstruction if not finetune else generate(params, fake_condition, fake_drop_key)
+      disc = ctx.net("image_discriminator", state["params"]["image_discriminator"])
+      adversarial = losses.lsgan_generator_loss(
+          disc(jnp.concatenate([fake, fake_condition], axis=-1)))
+      mse = losses.mse(reconstruction, image)
+      return train.reconstruction_weight * mse + train.adversarial_weight * adversarial, (
+          fake, mse, adversarial)
+
+    (_, (fake, mse, adversarial)), grads = jax.value_and_grad(generator_loss, has_aux=True)(
+        state["params"]["image_generator"])
+    state, generator_norm = apply_gradients(ctx, state, "image_generator", grads)
+    fake_input = jnp.concatenate([jax.lax.stop_gradient(fake), fake_condition], axis=-1)
+    real_input = jnp.concatenate([image, real_condition], axis=-1)
+
+    def discriminator_loss(params):
+      disc = ctx.net("image_discriminator", params)
+      return losses.lsgan_discriminator_loss(disc(real_input), disc(fake_input))
+
+    disc_value, grads = jax.value_and_grad(discriminator_loss)(
+        state["params"]["image_discriminator"])
+    state, _ = apply_gradients(ctx, state, "image_discriminator", grads)
+    return _count(state), {"mse": mse, "adversarial": adversarial,
+                           "discriminator_loss": disc_value, "generator_grad_norm": generator_norm}
+
+  return step
+
+
+def make_registration_step(ctx: StepContext) -> Callable:
+  """Stage 3: the registration net on pairs of real images (NCC + smoothness), dropout on."""
+  train = ctx.train
+
+  def step(state, frozen, batch, key):
+    del frozen
+    moving_key, fixed_key, drop_key = jax.random.split(key, 3)
+    moving, _, _ = prepare_real(ctx, {"image": batch["image"]}, moving_key, with_masks=False)
+    fixed, _, _ = prepare_real(ctx, {"image": batch["pair_image"]}, fixed_key, with_masks=False)
+
+    def loss(params):
+      disp = ctx.net("registration", params)(moving, fixed, key=drop_key)
+      similarity = losses.ncc_loss(fixed, warp(moving, disp))
+      smooth = losses.smoothness_loss(disp)
+      return similarity + train.smoothness_weight * smooth, (similarity, smooth, disp)
+
+    (_, (similarity, smooth, disp)), grads = jax.value_and_grad(loss, has_aux=True)(
+        state["params"]["registration"])
+    state, norm = apply_gradients(ctx, state, "registration", grads)
+    return _count(state), {"ncc_loss": similarity, "smoothness": smooth,
+                           "folding": jnp.mean(folding_fraction(disp)), "grad_norm": norm}
+
+  return step
+
+
+def registration_reward(ctx: StepContext, frozen: dict, image, labels, fake_image, fake_labels,
+                        key):
+  """Per-example reward `-(eq. 3 uncertainty) - lambda (1 - Dice(y o phi, y_hat))`.
+
+  T stochastic passes of the frozen registration net in both directions: x onto
+  x_hat (phi_t) and x_hat onto x (varphi_t). Returns `(reward, uncertainty, dice)`.
+  """
+  refine = ctx.refine
+  registration = ctx.net("registration", frozen["registration"])
+  forward_key, backward_key = jax.random.split(key)
+
+  def passes(moving, fixed, pass_key):
+    keys = jax.random.split(pass_key, refine.passes)
+    return jax.vmap(lambda k: registration(moving, fixed, key=k))(keys)
+
+  if refine.mode == "backprop":
+    passes = jax.checkpoint(passes)  # rematerialise: the T passes dominate memory
+  forward = passes(image, fake_image, forward_key)
+  backward = passes(fake_image, image, backward_key)
+  _, uncertainty = appearance_uncertainty(image, fake_image, forward, backward)
+  reward = -uncertainty
+  dice = jnp.ones_like(uncertainty)
+  if ctx.num_classes:
+    dice = label_consistency(labels, fake_labels, forward, ctx.num_classes)
+    reward = reward - refine.label_weight * (1.0 - dice)
+  return reward, uncertainty, dice
+
+
+def make_refine_step(ctx: StepContext) -> Callable:
+  """Stage 4: refine the annotation and image generators with the registration reward.
+
+  "policy_gradient" (the paper): the image generator's output is the mean of a
+  Gaussian policy with std `refine.sigma`, the annotation generator's softmax a
+  categorical policy over labels; REINFORCE with a moving-average baseline.
+  "backprop": the same objective differentiated through the frozen
+  registration net, with soft labels.
+  """
+  refine = ctx.refine
+  trained = ["image_generator"] + (["annotation_generator"] if ctx.num_classes else [])
+
+  def sample_policy(params, masks, drop_key, label_key, noise_key):
+    """Actions of the policy and their mean log-probability per example."""
+    image_generator = ctx.net("image_generator", params["image_generator"])
+    axes = tuple(range(1, masks.ndim))
+    log_prob = jnp.zeros(masks.shape[0])
+    labels = None
+    if ctx.num_classes:
+      logits = ctx.net("annotation_generator", params["annotation_generator"])(masks)
+      labels = jax.lax.stop_gradient(jax.random.categorical(label_key, logits))
+      chosen = jnp.take_along_axis(jax.nn.log_softmax(logits), labels[..., None], axis=-1)
+      log_prob += jnp.mean(chosen, axis=axes)
+      mean = image_generator(masks, one_hot(ctx, labels), key=drop_key)
+    else:
+      mean = image_generator(masks, key=drop_key)
+    noise = jax.random.normal(noise_key, mean.shape)
+    action = jax.lax.stop_gradient(mean + refine.sigma * noise)
+    log_prob += jnp.mean(-0.5 * ((action - mean) / refine.sigma) ** 2, axis=axes)
+    return action, labels, log_prob
+
+  def soft_outputs(params, masks, drop_key):
+    image_generator = ctx.net("image_generator", params["image_generator"])
+    if not ctx.num_classes:
+      return image_generator(masks, key=drop_key), None
+    probs = jax.nn.softmax(ctx.net("annotation_generator", params["annotation_generator"])(masks))
+    return image_generator(masks, probs, key=drop_key), probs
+
+  def step(state, frozen, batch, key):
+    prep_key, gen_key, drop_key, label_key, noise_key, reward_key = jax.random.split(key, 6)
+    image, labels, _ = prepare_real(ctx, batch, prep_key, with_masks=False)
+    masks = jax.lax.stop_gradient(generated_masks(ctx, frozen, image.shape[0], gen_key))
+    params = {name: state["params"][name] for name in trained}
+    baseline = state["extras"]["baseline"]
+
+    if refine.mode == "policy_gradient":
+      action, action_labels, _ = sample_policy(params, masks, drop_key, label_key, noise_key)
+      outcome = registration_reward(ctx, frozen, image, labels, action, action_labels,
+                                    reward_key)
+      # The first step has no history: start the baseline at the batch mean.
+      baseline = jnp.where(state["extras"]["step"] == 0, jnp.mean(outcome[0]), baseline)
+      advantage = jax.lax.stop_gradient(outcome[0] - baseline)
+
+      def loss(params):
+        _, _, log_prob = sample_policy(params, masks, drop_key, label_key, noise_key)
+        return -jnp.mean(advantage * log_prob), outcome
+    elif refine.mode == "backprop":
+      def loss(params):
+        fake_image, fake_labels = soft_outputs(params, masks, drop_key)
+        outcome = registration_reward(ctx, frozen, image, labels, fake_image, fake_labels,
+                                      reward_key)
+        return -jnp.mean(outcome[0]), outcome
+    else:
+      raise ValueError(f"refine.mode must be 'policy_gradient' or 'backprop', got {refine.mode!r}")
+
+    (value, (reward, uncertainty, dice)), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    norms = {}
+    for name in trained:
+      state, norms[name] = apply_gradients(ctx, state, name, grads[name])
+    mean_reward = jnp.mean(reward)
+    state = {**state, "extras": {**state["extras"], "baseline": (
+        refine.baseline_decay * baseline + (1 - refine.baseline_decay) * mean_reward)}}
+    metrics = {"loss": value, "reward": mean_reward, "baseline": baseline,
+               "uncertainty": jnp.mean(uncertainty), "label_dice": jnp.mean(dice),
+               "grad_norm": optax.tree.norm(list(norms.values()))}
+    return _count(state), metrics
+
+  return step
+
+
+def _count(state: dict) -> dict:
+  return {**state, "extras": {**state["extras"], "step": state["extras"]["step"] + 1}}

@@ -1,0 +1,141 @@
+"""Figures a person can read: orthogonal views in patient orientation."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import nibabel as nib  # noqa: E402
+import numpy as np  # noqa: E402
+
+VIEW_NAMES = ("axial", "coronal", "sagittal")
+
+
+def to_display(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Reorders a 3-D array to LAS axes; also returns the spacing in that order.
+
+  RAS+ with x flipped, so the patient's right appears on the left of axial and
+  coronal views, as radiologists read CT.
+  """
+  ornt = nib.orientations.io_orientation(affine)
+  spacing = np.linalg.norm(affine[:3, :3], axis=0)
+  ras = nib.orientations.apply_orientation(array, ornt)
+  return ras[::-1], spacing[np.argsort(ornt[:, 0])]
+
+
+def orthogonal_views(las: np.ndarray, spacing: np.ndarray, centre: Sequence[int]):
+  """(name, 2-D image, aspect) for axial, coronal and sagittal planes through `centre`.
+
+  `las` comes from `to_display`. Images are rows-by-columns for
+  `imshow(origin="lower")`: axial has anterior up, coronal and sagittal
+  superior up.
+  """
+  x, y, z = centre
+  sx, sy, sz = spacing
+  return [("axial", las[:, :, z].T, sy / sx),
+          ("coronal", las[:, y, :].T, sz / sx),
+          ("sagittal", las[x, :, :].T, sz / sy)]
+
+
+def save_figure(fig, path: str) -> None:
+  """Saves atomically: a reader never sees half a PNG."""
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(suffix=".png", dir=folder)
+  os.close(fd)
+  try:
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    os.replace(tmp, path)
+  finally:
+    plt.close(fig)
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def pseudomask_figure(path: str, image, edges, density, mask, seeds, affine, title: str) -> None:
+  """Rows: views (one row in 2-D); columns: CT, edges, density + seeds, pseudo-mask.
+
+  Seeds shown on a plane are those within 1.5 voxels of it.
+  """
+  columns = ("CT", "Canny edges", "density + seeds", "pseudo-mask")
+  seeds = np.asarray(seeds)
+  if image.ndim == 2:
+    rows = [("slice", [np.asarray(a).T for a in (image, edges, density, mask)],
+             float(np.linalg.norm(affine[:3, 1]) / np.linalg.norm(affine[:3, 0])),
+             seeds[:, :2])]
+  else:
+    volumes = [to_display(np.asarray(a, np.float32), affine)[0] for a in (image, edges, density, mask)]
+    spacing = to_display(np.asarray(image), affine)[1]
+    seed_map = to_display(_seed_volume(seeds, image.shape), affine)[0]
+    # The plane through the densest part of the seed cloud shows the most detail.
+    centre = [int(np.argmax(seed_map.sum(axis=tuple(a for a in range(3) if a != k))))
+              for k in range(3)]
+    rows = []
+    for view_index, name in enumerate(VIEW_NAMES):
+      planes = [orthogonal_views(v, spacing, centre)[view_index] for v in volumes]
+      near = _seeds_near_plane(seed_map, view_index, centre)
+      rows.append((name, [p[1] for p in planes], planes[0][2], near))
+  fig, axes = plt.subplots(len(rows), 4, figsize=(13, 3.3 * len(rows)), squeeze=False)
+  for row, (name, planes, aspect, row_seeds) in zip(axes, rows):
+    for col, (ax, plane, label) in enumerate(zip(row, planes, columns)):
+      cmap = {1: "gray_r", 2: "magma"}.get(col, "gray")
+      ax.imshow(plane, cmap=cmap, origin="lower", aspect=aspect, interpolation="nearest")
+      if col == 2 and len(row_seeds):
+        ax.scatter(row_seeds[:, 0], row_seeds[:, 1], s=2, c="cyan", linewidths=0)
+      ax.set_xticks([])
+      ax.set_yticks([])
+      ax.set_title(label if name == "slice" else f"{label} ({name})", fontsize=9)
+  fig.suptitle(title, fontsize=10)
+  save_figure(fig, path)
+
+
+def _seed_volume(seeds: np.ndarray, shape) -> np.ndarray:
+  volume = np.zeros(shape, np.float32)
+  volume[tuple(seeds.T)] = 1.0
+  return volume
+
+
+def _seeds_near_plane(seed_map: np.ndarray, view_index: int, centre) -> np.ndarray:
+  """Column/row positions (imshow x, y) of seeds within 1.5 voxels of a view's plane."""
+  fixed_axis = (2, 1, 0)[view_index]
+  lo, hi = max(centre[fixed_axis] - 1, 0), centre[fixed_axis] + 2
+  slab = np.take(seed_map, np.arange(lo, min(hi, seed_map.shape[fixed_axis])), axis=fixed_axis)
+  coords = np.argwhere(slab.max(axis=fixed_axis) > 0)
+  # The first remaining axis is the plane's x (columns), the second its y.
+  return coords
+
+
+def _axial_plane(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, float]:
+  """The central axial plane of a 3-D array (or a 2-D array as it is) and its aspect."""
+  if array.ndim == 2:
+    return array.T, float(np.linalg.norm(affine[:3, 1]) / np.linalg.norm(affine[:3, 0]))
+  las, spacing = to_display(array, affine)
+  centre = [s // 2 for s in las.shape]
+  _, plane, aspect = orthogonal_views(las, spacing, centre)[0]
+  return plane, aspect
+
+
+def contact_sheet(path: str, samples, affine, title: str) -> None:
+  """One row per sample `(name, pseudo-mask, labels or None, image)`: central axial planes."""
+  has_labels = samples and samples[0][2] is not None
+  columns = ["pseudo-mask"] + (["labels"] if has_labels else []) + ["image"]
+  fig, axes = plt.subplots(len(samples), len(columns), figsize=(3.2 * len(columns),
+                                                                 3.0 * len(samples)),
+                           squeeze=False)
+  for row, (name, mask, labels, image) in zip(axes, samples):
+    planes = [mask] + ([labels] if has_labels else []) + [image]
+    for col, (ax, array, label) in enumerate(zip(row, planes, columns)):
+      plane, aspect = _axial_plane(np.asarray(array, np.float32), affine)
+      is_labels = has_labels and col == 1
+      ax.imshow(plane, cmap="tab10" if is_labels else "gray", origin="lower", aspect=aspect,
+                interpolation="nearest", vmin=0, vmax=9 if is_labels else 1)
+      ax.set_xticks([])
+      ax.set_yticks([])
+      ax.set_title(f"{name}: {label}", fontsize=9)
+  fig.suptitle(title, fontsize=10)
+  save_figure(fig, path)

@@ -1,0 +1,76 @@
+"""Rank-agnostic layers: norms, resampling, U-Net trunk, remat, dtype."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from acis_jax.models import ConvBlock, ConvStage, Down, UNet, Up, make_norm
+
+
+@pytest.mark.parametrize("ndim", [1, 2, 3])
+def test_instance_and_layer_norm_match_numpy(ndim, rngs):
+  x = np.random.default_rng(0).normal(2.0, 3.0, (2, *(6,) * ndim, 4)).astype(np.float32)
+  spatial = tuple(range(1, ndim + 1))
+  inst = make_norm("instance", 4, dtype=None, rngs=rngs())(x)
+  ref = (x - x.mean(spatial, keepdims=True)) / np.sqrt(x.var(spatial, keepdims=True) + 1e-5)
+  np.testing.assert_allclose(inst, ref, atol=1e-4)
+  layer = make_norm("layer", 4, dtype=None, rngs=rngs())(x)
+  every = spatial + (ndim + 1,)
+  ref = (x - x.mean(every, keepdims=True)) / np.sqrt(x.var(every, keepdims=True) + 1e-5)
+  np.testing.assert_allclose(layer, ref, atol=1e-4)
+  assert make_norm("none", 4, dtype=None, rngs=rngs()) is None
+  with pytest.raises(ValueError, match="norm"):
+    make_norm("batch", 4, dtype=None, rngs=rngs())
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_down_up_shapes_and_values(ndim, rngs):
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, *(8,) * ndim, 3)), jnp.float32)
+  for mode in ("conv", "pool"):
+    assert Down(3, ndim, mode=mode, rngs=rngs())(x).shape == (2, *(4,) * ndim, 3)
+  for mode in ("nearest", "linear", "transpose"):
+    assert Up(3, ndim, mode=mode, rngs=rngs())(x).shape == (2, *(16,) * ndim, 3)
+  # Nearest up-sampling repeats every voxel; pooling after it gives the input back.
+  up = Up(3, ndim, mode="nearest", rngs=rngs())(x)
+  ref = np.asarray(x)
+  for axis in range(1, ndim + 1):
+    ref = np.repeat(ref, 2, axis=axis)
+  np.testing.assert_array_equal(up, ref)
+  np.testing.assert_array_equal(Down(3, ndim, mode="pool", rngs=rngs())(up), x)
+  const = jnp.full((1, *(4,) * ndim, 1), 0.7)
+  np.testing.assert_allclose(Up(1, ndim, mode="linear", rngs=rngs())(const), 0.7, rtol=1e-6)
+  with pytest.raises(ValueError, match="up"):
+    Up(3, ndim, mode="cubic", rngs=rngs())
+
+
+def test_unet_shapes_and_errors(rngs, jit_apply):
+  net = UNet(2, 2, features=(4, 8, 8), rngs=rngs())
+  assert jit_apply(net, jnp.ones((1, 16, 12, 2))).shape == (1, 16, 12, 4)
+  with pytest.raises(ValueError, match="multiple of 4"):
+    net(jnp.ones((1, 16, 10, 2)))
+  with pytest.raises(ValueError, match="shape"):
+    net(jnp.ones((1, 16, 16, 3)))
+  with pytest.raises(ValueError, match="at least two"):
+    UNet(2, 2, features=(4,), rngs=rngs())
+
+
+def test_remat_gives_same_values_and_gradients(rngs):
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 8, 8, 8, 2)), jnp.float32)
+  plain = ConvStage(2, 4, 3, rngs=rngs(3))
+  remat = ConvStage(2, 4, 3, remat=True, rngs=rngs(3))
+
+  def loss(model):
+    return jnp.mean(jnp.square(model(x)))
+
+  np.testing.assert_allclose(plain(x), remat(x), rtol=1e-6)
+  g_plain, g_remat = nnx.grad(loss)(plain), nnx.grad(loss)(remat)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               g_plain, g_remat)
+
+
+def test_bfloat16_compute_keeps_float32_params(rngs):
+  block = ConvBlock(2, 4, 3, dtype=jnp.bfloat16, rngs=rngs())
+  y = block(jnp.ones((1, 4, 4, 4, 2)))
+  assert y.dtype == jnp.bfloat16
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(block, nnx.Param)))

@@ -1,0 +1,45 @@
+"""The command line on the smoke config: files, geometry, figure."""
+
+import os
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_main(*args):
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "acis_jax.main", *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("preset,shape", [("2d", (64, 64)), ("", (48, 48, 40))])
+def test_pseudomask_mode_writes_nifti_with_geometry_and_a_figure(tmp_path, preset, shape):
+  config = "experiments/smoke.py:pseudomask" + (f",{preset}" if preset else "")
+  done = run_main(f"--config={config}", f"--workdir={tmp_path}",
+                  "--config.pseudomask.num_seeds=200")
+  assert done.returncode == 0, done.stderr[-3000:]
+  out = tmp_path / "pseudomask"
+  image = nib.load(out / "phantom_image.nii.gz")
+  assert image.shape == shape
+  for name in ("pseudomask", "density", "edges"):
+    written = nib.load(out / f"phantom_{name}.nii.gz")
+    assert written.shape == shape
+    np.testing.assert_allclose(written.affine, image.affine)
+  mask = np.asarray(nib.load(out / "phantom_pseudomask.nii.gz").dataobj)
+  # 200 seeds give at most 200 distinct cell values, all taken from the image.
+  assert 1 < len(np.unique(mask)) <= 200
+  assert np.isin(np.unique(mask), np.asarray(image.dataobj)).all()
+  assert (out / "phantom.png").stat().st_size > 10_000
+  assert "200 seeds" in done.stderr
+
+
+def test_unknown_mode_is_a_usage_error(tmp_path):
+  done = run_main("--config=experiments/smoke.py", f"--workdir={tmp_path}",
+                  "--config.mode=painting")
+  assert done.returncode != 0
+  assert "config.mode='painting': unknown ['painting']" in done.stderr
