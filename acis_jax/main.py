@@ -5,13 +5,13 @@ Any config field can be overridden on the command line, e.g.
 """
 
 import importlib
-import logging as py_logging
 
 from absl import app, flags, logging
 import jax
 from ml_collections import config_flags
 
 from acis_jax.train.parallel import maybe_initialize_distributed
+from acis_jax.train.progress import show_progress_logs
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for outputs and checkpoints.")
@@ -23,18 +23,14 @@ JOBS = {
     "pseudomask": "acis_jax.jobs.pseudomask:run",
     "train": "acis_jax.train.trainer:train",
     "synthesize": "acis_jax.jobs.synthesize:run",
+    "evaluate": "acis_jax.eval.protocol:run",
 }
-
-
-def _ours_or_warning(record: py_logging.LogRecord) -> bool:
-  """Keeps our progress lines and every library's warnings; drops libraries' chatter."""
-  return record.levelno >= py_logging.WARNING or "acis_jax" in record.pathname
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logging.get_absl_handler().addFilter(_ours_or_warning)
+  show_progress_logs()
   config = _CONFIG.value
   modes = config.mode.split(",")
   unknown = [m for m in modes if m not in JOBS]

@@ -6,12 +6,9 @@ import os
 import tempfile
 from typing import Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import nibabel as nib  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import nibabel as nib
+import numpy as np
 
 VIEW_NAMES = ("axial", "coronal", "sagittal")
 

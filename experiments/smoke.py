@@ -14,6 +14,9 @@ from acis_jax.defaults import base_config
 
 def get_config(arg=None):
   presets = set(arg.split(",")) if arg else set()
+  known = ("3d", "pseudomask", "2d")
+  if presets.difference(known):
+    raise ValueError(f"unknown presets {sorted(presets.difference(known))}; known: {known}")
   config = base_config()
   config.data.sample = "phantom"
   config.data.num_classes = 6  # the phantom's background + 5 structures

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from acis_jax.config_utils import dataclass_from_config
 from acis_jax.spatial import identity_grid, warp, warp_labels
 
 # Full float32 products: TF32 on GPUs would move far voxels by ~0.1 voxel.
@@ -95,14 +96,7 @@ class AugmentParams:
   @classmethod
   def from_config(cls, config: Any) -> "AugmentParams":
     """Builds the params from a mapping (e.g. `config.augment`); unknown keys are an error."""
-    if isinstance(config, cls):
-      return config
-    fields = {f.name for f in dataclasses.fields(cls)}
-    given = dict(config.items() if hasattr(config, "items") else config)
-    unknown = sorted(set(given) - fields)
-    if unknown:
-      raise ValueError(f"unknown augmentation settings {unknown}; known: {sorted(fields)}")
-    return cls(**given)
+    return dataclass_from_config(cls, config, "augmentation")
 
 
 def rotation_matrix(angles: jax.Array, ndim: int) -> jax.Array:

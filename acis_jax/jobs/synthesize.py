@@ -64,8 +64,11 @@ def make_sampler(config):
 def write_pairs(config, workdir: str, out_dir: str, refined: bool) -> None:
   with open(os.path.join(workdir, "networks", GRID_FILE)) as f:
     affine = np.asarray(json.load(f)["affine"])
+  # Every process takes part in orbax's restore; process 0 alone samples and writes.
   params = {name: load_network(workdir, stage, name, config)
             for name, stage in generator_sources(config, refined).items()}
+  if jax.process_index() != 0:
+    return
   sample = make_sampler(config)
   settings = config.synthesize
   key = jax.random.fold_in(jax.random.key(config.seed), 2 if refined else 3)
@@ -90,8 +93,6 @@ def write_pairs(config, workdir: str, out_dir: str, refined: bool) -> None:
 
 
 def run(config, workdir: str) -> None:
-  if jax.process_index() != 0:  # one writer in a multi-host run
-    return
   write_pairs(config, workdir, os.path.join(workdir, "synthetic"), refined=True)
   if config.synthesize.unrefined:
     write_pairs(config, workdir, os.path.join(workdir, "synthetic_unrefined"), refined=False)

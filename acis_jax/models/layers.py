@@ -124,7 +124,9 @@ class ConvStage(nnx.Module):
 
   def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
     if self.remat:
-      return nnx.remat(ConvStage._forward)(self, x, key)
+      # Tree mode: nothing to write back to the module, so it also works inside transforms
+      # entered after the module was merged (the refine step's checkpointed, vmapped passes).
+      return nnx.remat(ConvStage._forward, graph=False)(self, x, key)
     return self._forward(x, key)
 
 
@@ -174,6 +176,8 @@ class UNet(nnx.Module):
   multiple of `2 ** (len(features) - 1)`. Encoder: a ConvStage per level, `Down` between levels.
   Decoder: `Up`, concatenate the encoder's skip, a ConvStage. Dropout (when a key is given)
   follows the `dropout_stages` deepest decoder stages (None: every decoder stage); pix2pix uses 3.
+  `remat=True` recomputes each encoder stage, and each decoder level from its coarse input
+  and skip, in the backward pass: the full-resolution concatenation is never stored.
   """
 
   def __init__(self, in_features: int, ndim: int, *, features: Sequence[int] = (32, 64, 128, 256),
@@ -190,15 +194,18 @@ class UNet(nnx.Module):
     self.features = features
     levels = len(features)
     n_drop = levels - 1 if dropout_stages is None else min(dropout_stages, levels - 1)
-    stage = dict(num_convs=convs_per_level, norm=norm, activation=activation, remat=remat,
-                 dtype=dtype, rngs=rngs)
-    self.encoder = nnx.List([ConvStage(in_features, features[0], ndim, **stage)] + [
-        ConvStage(features[i - 1], features[i], ndim, **stage) for i in range(1, levels)])
+    self.remat = remat
+    stage = dict(num_convs=convs_per_level, norm=norm, activation=activation, dtype=dtype,
+                 rngs=rngs)
+    self.encoder = nnx.List([ConvStage(in_features, features[0], ndim, remat=remat, **stage)] + [
+        ConvStage(features[i - 1], features[i], ndim, remat=remat, **stage)
+        for i in range(1, levels)])
     self.downs = nnx.List([Down(features[i], ndim, mode=down, dtype=dtype, rngs=rngs)
                            for i in range(levels - 1)])
     self.ups = nnx.List([Up(features[i + 1], ndim, mode=up, dtype=dtype, rngs=rngs)
                          for i in range(levels - 1)])
-    # decoder[i] produces level i; the n_drop deepest ones (largest i) carry dropout.
+    # decoder[i] produces level i; the n_drop deepest ones (largest i) carry dropout. Their
+    # remat is the whole level's (see `__call__`).
     self.decoder = nnx.List([
         ConvStage(features[i + 1] + features[i], features[i], ndim,
                   dropout=dropout if i >= levels - 1 - n_drop else 0.0, **stage)
@@ -213,8 +220,15 @@ class UNet(nnx.Module):
         x = self.downs[i - 1](x)
       x = stage(x)
       skips.append(x)
+    decode = nnx.remat(_decode, graph=False) if self.remat else _decode
     for i in reversed(range(len(self.decoder))):
-      x = self.ups[i](x)
-      x = jnp.concatenate([x, skips[i].astype(x.dtype)], axis=-1)
-      x = self.decoder[i](x, None if key is None else jax.random.fold_in(key, i))
+      x = decode(self.ups[i], self.decoder[i], x, skips[i],
+                 None if key is None else jax.random.fold_in(key, i))
     return x
+
+
+def _decode(up: Up, stage: ConvStage, x: jax.Array, skip: jax.Array,
+            key: jax.Array | None) -> jax.Array:
+  """One U-Net decoder level: up-sample `x`, concatenate the encoder's `skip`, a ConvStage."""
+  x = up(x)
+  return stage(jnp.concatenate([x, skip.astype(x.dtype)], axis=-1), key)

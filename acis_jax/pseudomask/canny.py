@@ -30,7 +30,6 @@ and 0.2 as skimage's for float images, or quantiles of the magnitude with
 from __future__ import annotations
 
 import functools
-import itertools
 
 import jax
 import jax.numpy as jnp

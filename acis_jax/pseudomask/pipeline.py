@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from acis_jax.config_utils import dataclass_from_config
 from acis_jax.pseudomask.canny import canny, canny_slicewise
 from acis_jax.pseudomask.kde import kde
 from acis_jax.pseudomask.sampling import sample_edge_points, sample_seeds
@@ -55,14 +56,7 @@ class PseudoMaskParams:
   @classmethod
   def from_config(cls, config: Any) -> "PseudoMaskParams":
     """Builds the params from a mapping (e.g. `config.pseudomask`)."""
-    if isinstance(config, cls):
-      return config
-    fields = {f.name for f in dataclasses.fields(cls)}
-    given = dict(config.items() if hasattr(config, "items") else config)
-    unknown = sorted(set(given) - fields)
-    if unknown:
-      raise ValueError(f"unknown pseudo-mask settings {unknown}; known: {sorted(fields)}")
-    return cls(**given)
+    return dataclass_from_config(cls, config, "pseudo-mask")
 
 
 class PseudoMask(NamedTuple):

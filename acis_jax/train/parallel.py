@@ -80,4 +80,7 @@ def shard_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
 
 
 def replicate(tree: Any, mesh) -> Any:
-  return jax.device_put(tree, replicated(mesh))
+  """`tree` copied to every device of `mesh`; every process passes the same values."""
+  # Through host memory: JAX places host values on every process's devices, but
+  # refuses to move a committed array (e.g. one orbax restored) to another host.
+  return jax.device_put(jax.device_get(tree), replicated(mesh))

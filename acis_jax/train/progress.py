@@ -6,12 +6,27 @@ Only process 0 writes, so a multi-host run logs once.
 from __future__ import annotations
 
 import json
+import logging as py_logging
 import os
 import time
 from typing import Mapping
 
 from absl import logging
 import jax
+
+
+def _ours_or_warning(record: py_logging.LogRecord) -> bool:
+  return record.levelno >= py_logging.WARNING or "acis_jax" in record.pathname
+
+
+def show_progress_logs() -> None:
+  """INFO lines of acis_jax and every library's warnings; libraries' INFO chatter dropped.
+
+  The filter sits on the "absl" logger (where absl.logging, hence orbax, writes),
+  so it also works in notebooks, whose handlers are not absl's.
+  """
+  logging.set_verbosity(logging.INFO)
+  py_logging.getLogger("absl").addFilter(_ours_or_warning)
 
 
 def _format_duration(seconds: float) -> str:

@@ -23,7 +23,7 @@ import numpy as np
 import optax
 
 from acis_jax.data.augment import AugmentParams
-from acis_jax.data.sources import load_examples
+from acis_jax.data.sources import Example, load_examples
 from acis_jax.pseudomask import PseudoMaskParams
 from acis_jax.train import parallel, steps
 from acis_jax.train.checkpoint import restore_state, save_state
@@ -46,8 +46,10 @@ class TrainingData:
   names: tuple[str, ...]
 
 
-def load_training_data(config) -> TrainingData:
-  examples = load_examples(config.data)
+def load_training_data(config, examples: list[Example] | None = None) -> TrainingData:
+  """The real examples stacked; `examples` (default: those `config.data` names) are taken as
+  given, e.g. a few-shot subset chosen by `acis_jax.eval.protocol`."""
+  examples = load_examples(config.data) if examples is None else examples
   num_classes = config.data.num_classes
   labels = None
   if num_classes:
@@ -126,11 +128,20 @@ def network_dir(workdir: str, stage: str, network: str) -> str:
 
 
 def load_network(workdir: str, stage: str, network: str, config):
-  """Parameters of `network` as trained by `stage` (refused if shapes differ)."""
+  """Parameters of `network` as trained by `stage`, on this process's first device.
+
+  Readable on any devices, whatever those it was trained on (refused if shapes
+  differ). In a multi-host run every process must call it (orbax synchronizes).
+  """
   path = network_dir(workdir, stage, network)
   if not os.path.isdir(path):
     raise FileNotFoundError(f"{path} is missing: run the '{stage}' stage first (mode=train)")
   _, abstract = abstract_params(network, config)
+  # Without a target device orbax places each array as it was saved, which fails
+  # on other devices (e.g. networks trained on a pod, read on one machine).
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                          abstract)
   return restore_state(path, abstract)
 
 
@@ -244,11 +255,12 @@ def run_stage(stage: Stage, stage_index: int, config, workdir: str, data: Traini
   logging.info("[%s] finished (%d steps)", stage.name, stage.total_steps)
 
 
-def train(config, workdir: str) -> None:
-  """Runs every stage in order (finished ones are skipped)."""
+def train(config, workdir: str, examples: list[Example] | None = None) -> None:
+  """Runs every stage in order (finished ones are skipped) on `examples` (default: the
+  examples `config.data` names)."""
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.train.batch_size, mesh)
-  data = load_training_data(config)
+  data = load_training_data(config, examples)
   logging.info("Training on %d example(s) of shape %s, %d classes, %d device(s)",
                len(data.images), data.images.shape[1:-1], config.data.num_classes,
                mesh.devices.size)

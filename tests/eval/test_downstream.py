@@ -12,25 +12,6 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from acis_jax.eval import downstream, recon_nets, seg_nets
 
 
-def numpy_initialised(make, seed: int = 0) -> nnx.Module:
-  """`make(rngs)` with parameters drawn by NumPy: LeCun-normal kernels, zero biases, unit scales.
-
-  JAX's random initialisers compile a program per parameter shape: minutes on the shared test
-  CPU. What these tests check does not depend on how the parameters were drawn.
-  """
-  model = nnx.eval_shape(lambda: make(nnx.Rngs(0)))
-  rng = np.random.default_rng(seed)
-  for path, node in nnx.iter_graph(model):
-    if isinstance(node, nnx.Param):
-      shape = node.get_value().shape
-      if path[-1] == "kernel":
-        value = rng.standard_normal(shape) / math.sqrt(math.prod(shape[:-1]))
-      else:
-        value = np.zeros(shape) if path[-1] == "bias" else np.ones(shape)
-      node.set_value(jnp.asarray(value, jnp.float32))
-  return model
-
-
 def disks(n: int, seed: int, size: int = 32, noise: float = 0.1):
   """Images `(n, size, size, 1)` of one bright disk on a dark noisy background, and its mask."""
   rng = np.random.default_rng(seed)
@@ -86,7 +67,7 @@ def test_dice_loss_matches_a_direct_computation():
   assert float(downstream.dice_loss(confident, labels, 3)) < 1e-6
 
 
-def test_segmentation_of_disks_is_learnt():
+def test_segmentation_of_disks_is_learnt(numpy_initialised):
   task = downstream.Task("segmentation", num_classes=2)
   train_x, train_y = disks(16, seed=0)
   test_x, test_y = disks(6, seed=1)
@@ -102,7 +83,7 @@ def test_segmentation_of_disks_is_learnt():
   assert np.mean([case["dice/1"] for case in cases]) > 0.8
 
 
-def test_denoiser_beats_the_identity():
+def test_denoiser_beats_the_identity(numpy_initialised):
   task = downstream.Task("denoise", level=0.1)
   clean = np.stack([ndimage.gaussian_filter(image, (1, 1, 0))
                     for image in disks(24, seed=2, noise=0.0)[0]])

@@ -11,25 +11,6 @@ from flax import nnx
 from acis_jax.eval import recon_nets, seg_nets
 
 
-def numpy_initialised(make, seed: int = 0) -> nnx.Module:
-  """`make(rngs)` with parameters drawn by NumPy: LeCun-normal kernels, zero biases, unit scales.
-
-  JAX's random initialisers compile a program per parameter shape: minutes on the shared test
-  CPU. What these tests check does not depend on how the parameters were drawn.
-  """
-  model = nnx.eval_shape(lambda: make(nnx.Rngs(0)))
-  rng = np.random.default_rng(seed)
-  for path, node in nnx.iter_graph(model):
-    if isinstance(node, nnx.Param):
-      shape = node.get_value().shape
-      if path[-1] == "kernel":
-        value = rng.standard_normal(shape) / math.sqrt(math.prod(shape[:-1]))
-      else:
-        value = np.zeros(shape) if path[-1] == "bias" else np.ones(shape)
-      node.set_value(jnp.asarray(value, jnp.float32))
-  return model
-
-
 def _output_shape(model: nnx.Module, shape: tuple[int, ...], dtype=jnp.float32):
   """The model's output shape and dtype on an input of `shape`, traced without running it."""
   graphdef, state = nnx.split(model)
@@ -63,7 +44,7 @@ def test_output_shapes(spatial_dims):
     assert _output_shape(net, shape) == (shape[:-1] + (out_channels,), jnp.float32), name
 
 
-def test_nets_run_and_are_finite():
+def test_nets_run_and_are_finite(numpy_initialised):
   """A real forward pass of the nets no other test runs whole (the rest train in
   test_downstream or run in the tests below)."""
   x = np.random.default_rng(0).uniform(size=(1, 32, 32, 2)).astype(np.float32)
@@ -120,7 +101,7 @@ def _zero(conv: nnx.Conv) -> None:
 
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])
-def test_mednext_blocks_are_residual(spatial_dims):
+def test_mednext_blocks_are_residual(spatial_dims, numpy_initialised):
   x = np.random.default_rng(0).standard_normal((2,) + (4,) * spatial_dims + (3,))
   x = x.astype(np.float32)
   same = numpy_initialised(lambda r: seg_nets.MedNeXtBlock(3, 3, spatial_dims, expansion=2,
@@ -150,7 +131,7 @@ def test_mednext_blocks_are_residual(spatial_dims):
   np.testing.assert_allclose(up(x), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_resnet_is_edsr_style():
+def test_resnet_is_edsr_style(numpy_initialised):
   net = numpy_initialised(lambda r: recon_nets.ResNet(1, spatial_dims=2, features=4,
                                                       num_blocks=3, res_scale=0.1, rngs=r))
   # No normalisation layer anywhere (EDSR drops BatchNorm).
@@ -162,7 +143,7 @@ def test_resnet_is_edsr_style():
   np.testing.assert_allclose(block(x), x + 0.1 * body, rtol=1e-6, atol=1e-6)
 
 
-def test_redcnn_shortcuts_pass_the_input():
+def test_redcnn_shortcuts_pass_the_input(numpy_initialised):
   """With every layer zeroed, only the input shortcut is left: output = ReLU(input)."""
   net = numpy_initialised(lambda r: recon_nets.REDCNN(1, spatial_dims=2, features=4, rngs=r))
   for layer in list(net.encoder) + list(net.decoder):
@@ -173,7 +154,7 @@ def test_redcnn_shortcuts_pass_the_input():
     net(jnp.zeros((1, 20, 32, 1)))
 
 
-def test_esrt_attention_stays_within_its_split():
+def test_esrt_attention_stays_within_its_split(numpy_initialised):
   """Feature split: a token attends only to its own segment of `split_size` tokens."""
   block = numpy_initialised(
       lambda r: recon_nets.EfficientTransformer(8, heads=2, split_size=64, rngs=r))

@@ -1,0 +1,495 @@
+"""mode = "evaluate": the downstream protocol of the paper (sec 3.1, Tables 1 and 2).
+
+For every few-shot size n in `evaluate.num_train`, every downstream task and network, and every
+seed, one network is trained per arm and scored on held-out real cases only:
+
+  * "baseline": the n real training cases;
+  * "acis-":    the n real cases + M synthetic pairs from the synthesizer BEFORE refinement;
+  * "acis":     the n real cases + M synthetic pairs from the refined synthesizer;
+  * "upper":    every case of the real training pool (does not depend on n; trained once and
+                recorded with n = the pool size).
+
+Every arm trains for the same `evaluate.steps` with the same seeds, batch size and
+augmentation, so arms differ only in their data. Batches are drawn uniformly from the arm's
+whole training set (real and synthetic alike: the paper adds the synthetic pairs to the
+training set and says nothing about re-weighting them). M = `config.synthesize.num_samples`.
+
+Real data and the split. `config.data` names the real data (`acis_jax.data.sources`):
+  * 2-D (`data.image_shape` has 2 entries): axial slices. The training pool is
+    `data.num_slices` slices spread over the axial band `evaluate.train_band` (fractions of
+    the axial extent) of every volume, the test set `evaluate.num_test_slices` slices over
+    `evaluate.test_band`; `data.slice_band` is not used. The bands must not overlap, so no
+    slice is in both sets (checked by slice index too).
+  * 3-D: whole volumes. The last `evaluate.num_test_cases` cases (in name order) are the test
+    set, the others the training pool.
+  The n cases of the few-shot arms are n cases of the pool spread evenly over it (in axial
+  order for slices), the same for every seed and arm: the synthesizer of size n is trained on
+  exactly them.
+
+  A WEAK TEST when the slices come from one patient (the built-in sample CT): test slices are
+  disjoint from the training slices but share the patient, scanner, contrast phase and noise,
+  and neighbouring test slices are strongly correlated with each other. The Wilcoxon test
+  treats the test slices as independent cases; they are not, so the effective sample size is
+  smaller than the number of slices and the p-values are optimistic (too small). A '*' then
+  says that ACIS beat the next best arm on these slices of this patient, not that the gain
+  carries over to new patients; that needs held-out patients (a `data.data_dir` of several
+  volumes in 3-D, split by case).
+
+The synthesizer of size n (the default, `evaluate.train_synthesizer`): the ACIS stages are
+trained on those n cases only (`acis_jax.train.trainer.train`, with `config.model`,
+`config.train`, `config.refine`, ...) into WORKDIR/synth_n{n}/, then `synthesize` writes
+ACIS and ACIS- pairs to WORKDIR/synth_n{n}/synthetic{,_unrefined}/ (HU int16 on disk, windowed
+back to [0, 1] with `window_hu`; labels uint8). Both steps resume: finished stages are skipped,
+and complete synthetic folders skip training and synthesis altogether, so pre-made folders put
+there are used as they are (with `train_synthesizer=False`, missing ones are an error). After
+changing the synthesizer's settings, delete WORKDIR/synth_n*/ to train it again.
+
+Outputs under WORKDIR/eval/: results.csv (one row per arm, n, net, task, seed, test case and
+metric), table.md (the paper's layout, see `acis_jax.eval.report`) and plots/*.png (metric
+against n, one line per arm). Each trained arm's rows are also kept in
+eval/runs/<task>/<net>/<arm>_n<n>_seed<seed>.json with a key of everything that determines
+them (settings, and digests of the training and test arrays): a re-run reuses an arm only when
+its key is unchanged, so an interrupted evaluation resumes where it stopped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from absl import logging
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from acis_jax.data.augment import AugmentParams, downstream_augment
+from acis_jax.data.nifti import load_nifti
+from acis_jax.data.preprocess import window_hu
+from acis_jax.data.sources import Example, load_examples
+from acis_jax.eval import downstream, report
+from acis_jax.eval.recon_nets import ESRT, REDCNN, ResNet
+from acis_jax.eval.seg_nets import MedNeXt, SegUNet
+from acis_jax.jobs import synthesize
+from acis_jax.train import trainer
+from acis_jax.train.stage_checkpoints import write_json_atomically
+
+ARMS = ("baseline", "acis-", "acis", "upper")
+# Arms trained on synthetic pairs -> the synthesize output folder (under WORKDIR/synth_n{n}/).
+SYNTHETIC_FOLDERS = {"acis": "synthetic", "acis-": "synthetic_unrefined"}
+
+SEGMENTATION_NETS = ("unet", "mednext")
+RECONSTRUCTION_NETS = ("resnet", "redcnn", "esrt")
+
+
+def default_evaluate_config() -> ml_collections.ConfigDict:
+  """The `evaluate` section with the paper's settings where it gives them (sec 3.1).
+
+  Network sizes are the paper's (3DUNet features [16, 32, 64, 128], MedNeXt-S, EDSR-style
+  ResNet, RED-CNN, ESRT); steps, learning rates and the test split are ours.
+  """
+  ev = ml_collections.ConfigDict()
+  ev.num_train = (4, 8, 16)         # few-shot sizes n (each <= the training pool)
+  ev.arms = ARMS
+  ev.seeds = (0, 1, 2)
+  ev.train_band = (0.2, 0.42)       # 2-D: axial band of the training pool (fractions)
+  ev.test_band = (0.44, 0.64)       # 2-D: axial band of the test slices, disjoint from it
+  ev.num_test_slices = 16           # 2-D: test slices per volume
+  ev.num_test_cases = 1             # 3-D: held-out volumes (the last ones in name order)
+  ev.train_synthesizer = True       # train the synthesizer per n when its folders are missing
+
+  ev.segmentation = True            # needs data.num_classes >= 2
+  ev.denoise_sigmas = (0.1,)        # paper: 0.1, 0.2, 0.5 (intensity units, images in [0, 1])
+  ev.deblur_sigmas = ()             # paper: 1, 2, 5 (voxels)
+  ev.superres_factors = (2,)        # paper: 2, 4
+  ev.segmentation_nets = SEGMENTATION_NETS
+  ev.reconstruction_nets = ("resnet", "redcnn")
+  ev.superres_nets = ("esrt",)      # added for super-resolution only, as in the paper
+
+  ev.steps = 2000                   # per arm, the same for every arm
+  ev.batch_size = 4
+  ev.segmentation_learning_rate = 1e-3
+  ev.reconstruction_learning_rate = 1e-4
+  ev.nsd_tolerance_mm = 2.0
+  ev.alpha = 0.05                   # the '*' threshold of the one-sided Wilcoxon test
+  ev.augment = ml_collections.ConfigDict(dataclasses.asdict(AugmentParams()))
+
+  # Constructor arguments of each network (acis_jax.eval.seg_nets / recon_nets).
+  ev.nets = ml_collections.ConfigDict()
+  ev.nets.unet = ml_collections.ConfigDict({"features": (16, 32, 64, 128)})
+  ev.nets.mednext = ml_collections.ConfigDict({"width": 32, "blocks": (2,) * 9,
+                                               "expansion": (2,) * 9, "kernel_size": 3})
+  ev.nets.resnet = ml_collections.ConfigDict({"features": 64, "num_blocks": 16,
+                                              "res_scale": 0.1})
+  ev.nets.redcnn = ml_collections.ConfigDict({"features": 96, "kernel_size": 5})
+  ev.nets.esrt = ml_collections.ConfigDict({"features": 32, "num_hpb": 3,
+                                            "num_transformers": 1, "heads": 4,
+                                            "split_size": 256})
+  return ev
+
+
+# ---------------------------------------------------------------------------------------------
+# Real data: the split and the few-shot subsets
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+  """The real cases: the training pool (axial order for slices) and the held-out test set."""
+  pool: list[Example]
+  test: list[Example]
+
+
+def _with_band(data: Any, band: Sequence[float], num_slices: int) -> ml_collections.ConfigDict:
+  data = ml_collections.ConfigDict(data.to_dict())
+  data.slice_band = tuple(float(b) for b in band)
+  data.num_slices = int(num_slices)
+  return data
+
+
+def _slice_key(example: Example) -> tuple[str, int]:
+  """(volume name, axial index) of a slice named `<volume>_z<index>` by `load_examples`."""
+  volume, _, index = example.name.rpartition("_z")
+  if not (volume and index.isdigit()):
+    raise ValueError(f"{example.name}: a 2-D evaluation splits axial slices of 3-D volumes by "
+                     "position, and this case is not such a slice (2-D source images have no "
+                     "axial position to split by)")
+  return volume, int(index)
+
+
+def load_split(config) -> Split:
+  """The training pool and the test cases named by `config.data` and `config.evaluate`."""
+  ev, data = config.evaluate, config.data
+  if len(data.image_shape) == 3:
+    examples = sorted(load_examples(data), key=lambda e: e.name)
+    k = int(ev.num_test_cases)
+    if not 1 <= k < len(examples):
+      raise ValueError(f"evaluate.num_test_cases={k}: need 1 <= it < the {len(examples)} "
+                       "volume(s) of config.data, so both the pool and the test set have cases")
+    return Split(examples[:-k], examples[-k:])
+  train_band, test_band = tuple(ev.train_band), tuple(ev.test_band)
+  if not (train_band[1] < test_band[0] or test_band[1] < train_band[0]):
+    raise ValueError(f"evaluate.train_band={train_band} and evaluate.test_band={test_band} "
+                     "overlap: the test slices must come from a separate axial band")
+  pool = load_examples(_with_band(data, train_band, data.num_slices))
+  test = load_examples(_with_band(data, test_band, ev.num_test_slices))
+  shared = sorted({_slice_key(e) for e in pool} & {_slice_key(e) for e in test})
+  if shared:
+    raise ValueError(f"slices {shared} fall in both bands (too few slices between "
+                     f"train_band={train_band} and test_band={test_band}); widen the gap")
+  return Split(sorted(pool, key=_slice_key), test)
+
+
+def split_note(config, split: Split) -> str:
+  """One paragraph for the report: where the training and test cases come from."""
+  volumes = sorted({_slice_key(e)[0] for e in split.pool + split.test}) if len(
+      config.data.image_shape) == 2 else []
+  if not volumes:
+    return (f"Training pool: {len(split.pool)} volume(s); held-out test set: "
+            f"{len(split.test)} other volume(s).")
+  note = (f"Training pool: {len(split.pool)} axial slices of the band "
+          f"{tuple(config.evaluate.train_band)}; held-out test set: {len(split.test)} slices of "
+          f"the disjoint band {tuple(config.evaluate.test_band)} (fractions of the axial "
+          f"extent) of the same {len(volumes)} volume(s).")
+  if len(volumes) == 1:
+    note += (" All slices come from one patient and neighbouring slices are correlated, so "
+             "the test cases are not independent and the p-values are optimistic.")
+  return note
+
+
+def few_shot_subset(pool: Sequence[Example], n: int) -> list[Example]:
+  """`n` cases of `pool` spread evenly over it (its first and last included when n >= 2)."""
+  if not 1 <= n <= len(pool):
+    raise ValueError(f"evaluate.num_train has n={n}, but the training pool holds {len(pool)} "
+                     "case(s) (data.num_slices slices per volume in 2-D)")
+  return [pool[i] for i in np.round(np.linspace(0, len(pool) - 1, n)).astype(int)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic data
+
+
+def synthesizer_dir(workdir: str, n: int) -> str:
+  return os.path.join(workdir, f"synth_n{n}")
+
+
+def _synthetic_files(folder: str, count: int, labelled: bool) -> list[tuple[str, str | None]]:
+  names = [f"synth_{i:04d}.nii.gz" for i in range(count)]
+  return [(os.path.join(folder, "imagesTr", name),
+           os.path.join(folder, "labelsTr", name) if labelled else None) for name in names]
+
+
+def synthetic_complete(folder: str, count: int, labelled: bool) -> bool:
+  """Whether `folder` holds the `count` pairs synth_0000.. that `synthesize` writes."""
+  return all(os.path.isfile(image) and (label is None or os.path.isfile(label))
+             for image, label in _synthetic_files(folder, count, labelled))
+
+
+def load_synthetic(folder: str, count: int, config) -> tuple[np.ndarray, np.ndarray | None]:
+  """The first `count` synthetic pairs of `folder`.
+
+  Returns:
+    images `(count, *image_shape, 1)` float32 in [0, 1] (HU windowed as in training) and
+    labels `(count, *image_shape)` int32, or None in label-free runs.
+  """
+  shape = tuple(config.data.image_shape)
+  num_classes = config.data.num_classes
+  images, labels = [], []
+  for image_path, label_path in _synthetic_files(folder, count, num_classes > 0):
+    image = load_nifti(image_path).array
+    if image.shape != shape:
+      raise ValueError(f"{image_path}: synthetic image of shape {image.shape}, but "
+                       f"data.image_shape={shape}")
+    images.append(window_hu(image))
+    if label_path is not None:
+      label = load_nifti(label_path).array
+      if label.shape != shape or label.min() < 0 or label.max() >= num_classes:
+        raise ValueError(f"{label_path}: labels must have shape {shape} and lie in "
+                         f"[0, {num_classes}), got shape {label.shape}, range "
+                         f"[{label.min()}, {label.max()}]")
+      labels.append(label.astype(np.int32))
+  return np.stack(images)[..., None], (np.stack(labels) if labels else None)
+
+
+def ensure_synthetic(config, workdir: str, n: int, examples: list[Example]) -> str:
+  """WORKDIR/synth_n{n}/, with ACIS and ACIS- pairs of a synthesizer trained on `examples`.
+
+  Complete synthetic folders are used as they are; otherwise the synthesizer is trained
+  (finished stages skipped) and `synthesize` writes both folders.
+  """
+  root = synthesizer_dir(workdir, n)
+  count, labelled = config.synthesize.num_samples, config.data.num_classes > 0
+  folders = [os.path.join(root, f) for f in SYNTHETIC_FOLDERS.values()]
+  if all(synthetic_complete(f, count, labelled) for f in folders):
+    return root
+  if not config.evaluate.train_synthesizer:
+    raise ValueError(f"{root}: the synthetic folders {list(SYNTHETIC_FOLDERS.values())} lack "
+                     f"some of synth_0000..synth_{count - 1:04d}, and "
+                     "evaluate.train_synthesizer=False")
+  synth_config = config.copy_and_resolve_references()
+  synth_config.synthesize.unrefined = True  # ACIS- is an arm
+  logging.info("[evaluate] training the synthesizer for n=%d on %s", n,
+               [e.name for e in examples])
+  trainer.train(synth_config, root, examples=examples)
+  synthesize.run(synth_config, root)
+  return root
+
+
+# ---------------------------------------------------------------------------------------------
+# Tasks and networks
+
+
+def downstream_tasks(config) -> list[downstream.Task]:
+  """The tasks `config.evaluate` asks for, segmentation first."""
+  ev = config.evaluate
+  tasks = []
+  if ev.segmentation:
+    if config.data.num_classes < 2:
+      raise ValueError(f"evaluate.segmentation needs labels: data.num_classes="
+                       f"{config.data.num_classes} (set evaluate.segmentation=False)")
+    tasks.append(downstream.Task(downstream.SEGMENTATION, num_classes=config.data.num_classes))
+  for name, levels in (("denoise", ev.denoise_sigmas), ("deblur", ev.deblur_sigmas),
+                       ("superres", ev.superres_factors)):
+    tasks += [downstream.Task(name, level=float(level)) for level in levels]
+  if not tasks:
+    raise ValueError("config.evaluate names no task: enable segmentation or give denoise_sigmas, "
+                     "deblur_sigmas or superres_factors")
+  return tasks
+
+
+def task_label(task: downstream.Task) -> str:
+  """The task's name in results.csv: "segmentation", "denoise_0.1", "superres_2", ..."""
+  return task.name if task.is_segmentation else f"{task.name}_{task.level:g}"
+
+
+def task_nets(task: downstream.Task, ev) -> tuple[str, ...]:
+  """The networks trained for `task`."""
+  if task.is_segmentation:
+    nets, family = tuple(ev.segmentation_nets), SEGMENTATION_NETS
+  else:
+    nets = tuple(ev.reconstruction_nets) + (tuple(ev.superres_nets)
+                                             if task.name == "superres" else ())
+    family = RECONSTRUCTION_NETS
+  wrong = [net for net in nets if net not in family]
+  if wrong:
+    raise ValueError(f"{task_label(task)}: unknown networks {wrong}; choose from {family}")
+  return nets
+
+
+def learning_rate(task: downstream.Task, ev) -> float:
+  """Adam's step size for a task's networks."""
+  return (ev.segmentation_learning_rate if task.is_segmentation
+          else ev.reconstruction_learning_rate)
+
+
+def net_factory(name: str, task: downstream.Task, kwargs: dict, spatial_dims: int
+                ) -> Callable[[nnx.Rngs], nnx.Module]:
+  """`rngs -> module` of downstream network `name` for one-channel inputs."""
+  kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+  constructors = {
+      "unet": lambda rngs: SegUNet(1, task.num_classes, spatial_dims=spatial_dims, rngs=rngs,
+                                   **kwargs),
+      "mednext": lambda rngs: MedNeXt(1, task.num_classes, spatial_dims=spatial_dims,
+                                      rngs=rngs, **kwargs),
+      "resnet": lambda rngs: ResNet(1, spatial_dims=spatial_dims, rngs=rngs, **kwargs),
+      "redcnn": lambda rngs: REDCNN(1, spatial_dims=spatial_dims, rngs=rngs, **kwargs),
+      "esrt": lambda rngs: ESRT(1, spatial_dims=spatial_dims, rngs=rngs, **kwargs),
+  }
+  if name not in constructors:
+    raise ValueError(f"unknown downstream network {name!r}; known: {sorted(constructors)}")
+  return constructors[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# One arm
+
+
+@dataclasses.dataclass(frozen=True)
+class Cases:
+  """Stacked cases: images `(m, *spatial, 1)` in [0, 1], labels `(m, *spatial)` or None."""
+  images: np.ndarray
+  labels: np.ndarray | None
+  names: tuple[str, ...]
+  spacings: tuple[tuple[float, ...], ...] = ()  # mm per spatial axis, per case (test sets)
+
+  def digest(self) -> str:
+    sha = hashlib.sha1(self.images.tobytes())
+    if self.labels is not None:
+      sha.update(self.labels.tobytes())
+    return sha.hexdigest()
+
+
+def stack_cases(config, examples: list[Example]) -> Cases:
+  data = trainer.load_training_data(config, examples)
+  return Cases(data.images, data.labels, data.names,
+               tuple(e.image.spacing for e in examples))
+
+
+def _join(real: Cases, images: np.ndarray, labels: np.ndarray | None) -> Cases:
+  return Cases(np.concatenate([real.images, images]),
+               None if real.labels is None else np.concatenate([real.labels, labels]),
+               real.names + tuple(f"synthetic_{i:04d}" for i in range(len(images))))
+
+
+def evaluate_cases(model: downstream.Trained, task: downstream.Task, test: Cases, ev,
+                   seed: int) -> list[dict[str, float]]:
+  """Per-case metrics on the test set, in its order; cases grouped by voxel spacing."""
+  results = [None] * len(test.names)
+  for spacing in sorted(set(test.spacings)):
+    index = [i for i, s in enumerate(test.spacings) if s == spacing]
+    targets = test.labels[index] if task.is_segmentation else None  # None: the clean images
+    scores = downstream.evaluate_downstream(
+        model, task, test.images[index], targets,
+        spacing=spacing, nsd_tolerance_mm=ev.nsd_tolerance_mm, batch_size=ev.batch_size,
+        seed=seed)
+    for i, case in zip(index, scores):
+      results[i] = case
+  return results
+
+
+def run_arm(key: dict, net: str, task: downstream.Task, train: Cases, test: Cases, ev,
+            augment: downstream.Augment, record_path: str, test_seed: int) -> list[dict]:
+  """Trains one network on `train`, scores it on `test`; the rows of results.csv.
+
+  Reuses the rows saved at `record_path` when they were made under the same `key`.
+  """
+  if os.path.exists(record_path):
+    with open(record_path) as f:
+      record = json.load(f)
+    if record["key"] == key:
+      return record["rows"]
+  start = time.time()
+  spatial_dims = train.images.ndim - 2
+  model = downstream.train_downstream(
+      net_factory(net, task, ev.nets[net].to_dict(), spatial_dims), task, train.images,
+      train.labels if task.is_segmentation else None, steps=ev.steps,
+      batch_size=ev.batch_size,
+      learning_rate=learning_rate(task, ev), seed=key["seed"], augment=augment)
+  trained = time.time()
+  scores = evaluate_cases(model, task, test, ev, test_seed)
+  rows = [{"arm": key["arm"], "n": key["n"], "net": net, "task": key["task"],
+           "seed": key["seed"], "case": case, "metric": metric, "value": value}
+          for case, values in zip(test.names, scores) for metric, value in values.items()]
+  os.makedirs(os.path.dirname(record_path), exist_ok=True)
+  write_json_atomically(record_path, {"key": key, "rows": rows,
+                                      "final_loss": float(model.losses[-1])})
+  logging.info("[evaluate] %s %s %s n=%d seed=%d: %d training cases, final loss %.4f; "
+               "trained in %.1f s, evaluated in %.1f s", key["task"], net, key["arm"],
+               key["n"], key["seed"], len(train.names), float(model.losses[-1]),
+               trained - start, time.time() - trained)
+  return rows
+
+
+def _check_settings(config) -> None:
+  ev = config.evaluate
+  unknown = [arm for arm in ev.arms if arm not in ARMS]
+  if unknown or not ev.arms:
+    raise ValueError(f"evaluate.arms={tuple(ev.arms)}: unknown {unknown}; choose from {ARMS}")
+  if not ev.seeds:
+    raise ValueError("evaluate.seeds is empty")
+  if not ev.num_train and any(arm != "upper" for arm in ev.arms):
+    raise ValueError("evaluate.num_train is empty but the arms need few-shot sizes")
+  if jax.process_count() > 1:
+    raise ValueError("mode=evaluate runs in a single process; start it without "
+                     "jax.distributed")
+
+
+def training_sets(config, workdir: str, split: Split) -> dict[tuple[str, int], Cases]:
+  """`(arm, n) -> training cases` of every arm; trains the synthesizers it needs."""
+  ev = config.evaluate
+  sets = {}
+  for n in ev.num_train:
+    examples = few_shot_subset(split.pool, int(n))
+    real = stack_cases(config, examples)
+    synthetic_arms = [arm for arm in ev.arms if arm in SYNTHETIC_FOLDERS]
+    root = ensure_synthetic(config, workdir, int(n), examples) if synthetic_arms else ""
+    for arm in ev.arms:
+      if arm == "baseline":
+        sets[arm, int(n)] = real
+      elif arm in SYNTHETIC_FOLDERS:
+        folder = os.path.join(root, SYNTHETIC_FOLDERS[arm])
+        sets[arm, int(n)] = _join(real, *load_synthetic(folder, config.synthesize.num_samples,
+                                                        config))
+  if "upper" in ev.arms:
+    sets["upper", len(split.pool)] = stack_cases(config, split.pool)
+  return sets
+
+
+def run(config, workdir: str) -> None:
+  """Runs the protocol (module docstring) and writes WORKDIR/eval/."""
+  _check_settings(config)
+  ev = config.evaluate
+  tasks = downstream_tasks(config)
+  for task in tasks:
+    task_nets(task, ev)  # fail on a misnamed network before hours of training
+  split = load_split(config)
+  test = stack_cases(config, split.test)
+  logging.info("[evaluate] training pool %d case(s), test set %d case(s): %s",
+               len(split.pool), len(split.test), list(test.names))
+  sets = training_sets(config, workdir, split)
+  out = os.path.join(workdir, "eval")
+  augment_params = AugmentParams.from_config(ev.augment)
+  # One augment function per kind of target, so every arm reuses one compiled train step.
+  augments = {True: downstream_augment(augment_params, config.data.num_classes or None),
+              False: downstream_augment(augment_params)}
+  rows = []
+  for task in tasks:
+    for net in task_nets(task, ev):
+      for (arm, n), train in sets.items():
+        for seed in ev.seeds:
+          key = {"task": task_label(task), "net": net, "arm": arm, "n": n, "seed": int(seed),
+                 "net_config": ev.nets[net].to_dict(), "steps": ev.steps,
+                 "batch_size": ev.batch_size,
+                 "learning_rate": learning_rate(task, ev), "augment": ev.augment.to_dict(),
+                 "nsd_tolerance_mm": ev.nsd_tolerance_mm, "test_seed": config.seed,
+                 "train_digest": train.digest(), "test_digest": test.digest()}
+          # The ConfigDict's tuples would read back from JSON as lists: compare like with like.
+          key = json.loads(json.dumps(key))
+          record = os.path.join(out, "runs", key["task"], net, f"{arm}_n{n}_seed{seed}.json")
+          rows += run_arm(key, net, task, train, test, ev, augments[task.is_segmentation],
+                          record, config.seed)
+  paths = report.write_report(rows, out, alpha=ev.alpha, preamble=split_note(config, split))
+  logging.info("[evaluate] wrote %s", ", ".join(paths))

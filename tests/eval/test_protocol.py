@@ -1,0 +1,219 @@
+"""mode=evaluate on axial slices of a phantom volume: the split, the arms, the outputs, resuming.
+
+Synthetic data come from fake folders (written here in the `synthesize` layout), so the
+protocol test trains only tiny downstream networks for a few steps; the synthesizer-per-n path
+is checked with the trainer and `synthesize` replaced by recorders.
+"""
+import csv
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from acis_jax.data.nifti import save_nifti
+from acis_jax.data.phantom import phantom_case
+from acis_jax.defaults import base_config
+from acis_jax.eval import downstream, protocol, report
+
+NUM_CLASSES = 6       # the phantom's background + 5 structures
+SHAPE = (32, 32)
+POOL, TEST, N, M = 6, 5, 2, 3  # pool slices, test slices, few-shot size, synthetic pairs
+
+
+def make_config(tmp_path, **evaluate):
+  phantom_case(tmp_path / "real", (32, 32, 40))
+  config = base_config()
+  config.mode = "evaluate"
+  config.data.data_dir = str(tmp_path / "real")
+  config.data.image_shape = SHAPE
+  config.data.num_classes = NUM_CLASSES
+  config.data.num_slices = POOL
+  config.synthesize.num_samples = M
+  ev = protocol.default_evaluate_config()
+  ev.num_train = (N,)
+  ev.seeds = (0,)
+  ev.train_band = (0.2, 0.45)
+  ev.test_band = (0.55, 0.8)
+  ev.num_test_slices = TEST
+  ev.denoise_sigmas = (0.1,)
+  ev.superres_factors = ()
+  ev.segmentation_nets = ("unet",)
+  ev.reconstruction_nets = ("resnet",)
+  ev.steps = 2
+  ev.batch_size = 2
+  ev.augment.enabled = False
+  ev.train_synthesizer = False
+  ev.nets.unet.features = (4, 8)
+  ev.nets.resnet.features = 4
+  ev.nets.resnet.num_blocks = 1
+  for name, value in evaluate.items():
+    ev[name] = value
+  config.evaluate = ev
+  return config
+
+
+def write_fake_synthetic(folder, seed, shape=SHAPE):
+  """M pairs as `synthesize` writes them: HU int16 images, uint8 labels."""
+  rng = np.random.default_rng(seed)
+  hus = []
+  for i in range(M):
+    hu = rng.integers(-1200, 800, shape).astype(np.int16)  # beyond the window: clipped
+    save_nifti(folder / "imagesTr" / f"synth_{i:04d}.nii.gz", hu, np.eye(4))
+    save_nifti(folder / "labelsTr" / f"synth_{i:04d}.nii.gz",
+               rng.integers(0, NUM_CLASSES, shape).astype(np.uint8), np.eye(4))
+    hus.append(hu)
+  return np.stack(hus)
+
+
+def windowed(hu):
+  """[-1000, 600] HU -> [0, 1], written out independently of the package."""
+  return np.clip((hu.astype(np.float64) + 1000.0) / 1600.0, 0.0, 1.0)
+
+
+def z_index(name):
+  return int(name.rsplit("_z", 1)[1])
+
+
+def test_split_is_two_disjoint_bands_and_subsets_spread_over_the_pool(tmp_path):
+  config = make_config(tmp_path)
+  split = protocol.load_split(config)
+  pool = [z_index(e.name) for e in split.pool]
+  test = [z_index(e.name) for e in split.test]
+  assert len(pool) == POOL and len(test) == TEST
+  assert pool == sorted(pool) and max(pool) < min(test)
+  assert 0.2 * 39 <= min(pool) and max(test) <= 0.8 * 39  # inside the bands (40 slices)
+  for n in range(1, POOL + 1):
+    subset = [pool.index(z_index(e.name)) for e in protocol.few_shot_subset(split.pool, n)]
+    # n distinct pool slices in order, the ends included, gaps within one of each other.
+    assert len(set(subset)) == n and subset == sorted(subset)
+    if n >= 2:
+      gaps = np.diff(subset)
+      assert subset[0] == 0 and subset[-1] == POOL - 1 and gaps.max() - gaps.min() <= 1
+  with pytest.raises(ValueError, match="training pool holds 6"):
+    protocol.few_shot_subset(split.pool, 7)
+
+
+def test_overlapping_bands_are_refused(tmp_path):
+  config = make_config(tmp_path, test_band=(0.4, 0.8))
+  with pytest.raises(ValueError, match="overlap"):
+    protocol.load_split(config)
+
+
+def test_protocol_writes_every_arm_and_resumes(tmp_path, monkeypatch):
+  config = make_config(tmp_path)
+  workdir = tmp_path / "work"
+  synth = workdir / f"synth_n{N}"
+  refined = write_fake_synthetic(synth / "synthetic", seed=1)
+  unrefined = write_fake_synthetic(synth / "synthetic_unrefined", seed=2)
+
+  trained_on = []
+  real_train = downstream.train_downstream
+
+  def recording_train(factory, task, inputs, targets=None, **kw):
+    trained_on.append((task.name, np.asarray(inputs)[..., 0]))
+    return real_train(factory, task, inputs, targets, **kw)
+
+  monkeypatch.setattr(downstream, "train_downstream", recording_train)
+  protocol.run(config, str(workdir))
+  out = workdir / "eval"
+
+  # Every (task, net) trains 4 arms: n real, n real + M of each synthetic folder, the pool.
+  sizes = sorted(len(x) for task, x in trained_on if task == "segmentation")
+  assert sizes == [N, N + M, N + M, POOL]
+  for folder_hu in (refined, unrefined):
+    matches = [x for task, x in trained_on if len(x) == N + M
+               and np.allclose(x[N:], windowed(folder_hu), atol=1e-6)]
+    assert len(matches) == 2  # segmentation and denoising
+  baseline = next(x for task, x in trained_on if len(x) == N)
+  assert all(np.array_equal(x[:N], baseline) for task, x in trained_on if len(x) == N + M)
+
+  with open(out / "results.csv", newline="") as f:
+    reader = csv.DictReader(f)
+    assert tuple(reader.fieldnames) == report.COLUMNS
+    rows = list(reader)
+  seg_metrics = {f"{m}/{label}" for m in ("dice", "msd", "nsd", "hd95")
+                 for label in list(range(1, NUM_CLASSES)) + ["mean"]}
+  recon_metrics = {"psnr", "ssim", "psnr_input", "ssim_input"}
+  runs = {("baseline", str(N)), ("acis-", str(N)), ("acis", str(N)), ("upper", str(POOL))}
+  by_task = {}
+  for row in rows:
+    by_task.setdefault((row["task"], row["net"]), []).append(row)
+  assert set(by_task) == {("segmentation", "unet"), ("denoise_0.1", "resnet")}
+  for (task, _), task_rows in by_task.items():
+    metrics = seg_metrics if task == "segmentation" else recon_metrics
+    assert len(task_rows) == len(runs) * TEST * len(metrics)
+    assert {(r["arm"], r["n"]) for r in task_rows} == runs
+    assert {r["metric"] for r in task_rows} == metrics
+    assert {r["seed"] for r in task_rows} == {"0"}
+  test_cases = {e.name for e in protocol.load_split(config).test}
+  assert {r["case"] for r in rows} == test_cases
+
+  table = (out / "table.md").read_text()
+  for title in ("### segmentation", "### denoise_0.1", "Baseline DSC (%)", "ACIS- MSD (mm)",
+                "ACIS PSNR (dB)", "Upper bound SSIM"):
+    assert title in table
+  assert table.count("**") >= 2 * 4  # a bold best in each of the 4 metric columns
+  assert "disjoint band (0.55, 0.8)" in table and "one patient" in table
+  plots = sorted(os.listdir(out / "plots"))
+  assert plots == ["denoise_0.1_psnr.png", "denoise_0.1_ssim.png",
+                   "segmentation_dice_mean.png", "segmentation_msd_mean.png"]
+
+  # A re-run reuses every trained arm: nothing is trained again, the results are the same.
+  def refuse(*args, **kwargs):
+    raise AssertionError("an arm was trained again")
+
+  monkeypatch.setattr(downstream, "train_downstream", refuse)
+  before = (out / "results.csv").read_text()
+  protocol.run(config, str(workdir))
+  assert (out / "results.csv").read_text() == before
+
+  # Changed settings are not served from the old records.
+  config.evaluate.steps = 3
+  with pytest.raises(AssertionError, match="trained again"):
+    protocol.run(config, str(workdir))
+
+
+def test_synthetic_folders_are_checked(tmp_path):
+  config = make_config(tmp_path)
+  workdir = tmp_path / "work"
+  with pytest.raises(ValueError, match="train_synthesizer=False"):
+    protocol.run(config, str(workdir))
+  synth = workdir / f"synth_n{N}"
+  write_fake_synthetic(synth / "synthetic", seed=1, shape=(16, 16))
+  write_fake_synthetic(synth / "synthetic_unrefined", seed=2)
+  with pytest.raises(ValueError, match=r"synthetic/imagesTr/synth_0000.nii.gz: synthetic image "
+                                       r"of shape \(16, 16\)"):
+    protocol.run(config, str(workdir))
+
+
+def test_the_synthesizer_of_size_n_sees_only_those_n_slices(tmp_path, monkeypatch):
+  config = make_config(tmp_path, num_train=(2, 3), train_synthesizer=True, arms=("acis",),
+                       segmentation=False, denoise_sigmas=(), superres_factors=(2,),
+                       superres_nets=())
+  workdir = tmp_path / "work"
+  calls = []
+
+  def fake_train(synth_config, root, examples):
+    calls.append(("train", root, [e.name for e in examples]))
+
+  def fake_synthesize(synth_config, root):
+    assert synth_config.synthesize.unrefined  # ACIS- is an arm of the protocol
+    calls.append(("synthesize", root, None))
+    for i, folder in enumerate(protocol.SYNTHETIC_FOLDERS.values()):
+      write_fake_synthetic(Path(root) / folder, seed=i)
+
+  monkeypatch.setattr(protocol.trainer, "train", fake_train)
+  monkeypatch.setattr(protocol.synthesize, "run", fake_synthesize)
+  protocol.run(config, str(workdir))
+  pool = protocol.load_split(config).pool
+  expected = []
+  for n in (2, 3):
+    root = str(workdir / f"synth_n{n}")
+    expected += [("train", root, [e.name for e in protocol.few_shot_subset(pool, n)]),
+                 ("synthesize", root, None)]
+  assert calls == expected
+  # Complete folders are reused: a second run trains no synthesizer.
+  calls.clear()
+  protocol.run(config, str(workdir))
+  assert calls == []
