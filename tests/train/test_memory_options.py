@@ -5,6 +5,8 @@ change where activations come from in the backward pass, never the loss or the g
 """
 
 import dataclasses
+import importlib.util
+import os
 import functools
 
 import jax
@@ -17,10 +19,10 @@ from flax import nnx
 
 from acis_jax.data.phantom import chest_phantom
 from acis_jax.data.preprocess import window_hu
-from acis_jax.defaults import base_config
 from acis_jax.train.networks import NETWORKS, abstract_params, init_networks
 from acis_jax.train.trainer import initial_state, stages, step_context
 
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SHAPE = (32, 32)
 NUM_CLASSES = 3
 # The primitive jax.checkpoint (and nnx.remat) leaves in a jaxpr, whatever JAX calls it.
@@ -28,17 +30,14 @@ REMAT_PRIMITIVE = jax.make_jaxpr(jax.checkpoint(jnp.sin))(1.0).jaxpr.eqns[0].pri
 
 
 def tiny_config(dtype: str, remat: bool):
-  config = base_config()
-  config.data.image_shape = SHAPE
+  """The smoke config's networks (32x32) with fewer classes."""
+  spec = importlib.util.spec_from_file_location(
+      "smoke", os.path.join(REPO, "experiments", "smoke.py"))
+  smoke = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(smoke)
+  config = smoke.get_config()
+  assert tuple(config.data.image_shape) == SHAPE
   config.data.num_classes = NUM_CLASSES
-  config.model.latent_dim = 8
-  config.model.mask_generator_features = (16, 8, 8)
-  config.model.critic_features = (8, 16)
-  config.model.annotation_features = (8, 16)
-  config.model.image_features = (8, 16)
-  config.model.discriminator_features = (8, 16)
-  config.model.registration_features = (8, 8, 8)
-  config.train.batch_size = 2
   config.refine.mode = "backprop"  # gradients through both generators and the registration net
   config.refine.passes = 2
   config.augment.enabled = False  # not under test; it would only lengthen compilation
