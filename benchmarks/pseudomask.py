@@ -38,6 +38,7 @@ from acis_jax.data import (Volume, axial_axis, chest_phantom, load_nifti, resize
                            sample_chest_ct, window_hu)
 from acis_jax.pseudomask import (PseudoMaskParams, canny, kde, pseudo_mask, sample_edge_points,
                                  sample_seeds, voronoi)
+import timing  # benchmarks/timing.py, beside this script
 
 NUM_POINTS = 4096
 BANDWIDTH = 6.0
@@ -59,13 +60,8 @@ def load_images(phantom: bool) -> dict[str, np.ndarray]:
 
 
 def median_time(fn, repeats: int) -> float:
-  jax.block_until_ready(fn())
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
+  """Every timing here follows one untimed call (compilation)."""
+  return timing.median_time(fn, repeats, warmup=True)
 
 
 def skimage_edges(image: np.ndarray) -> np.ndarray:

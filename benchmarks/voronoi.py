@@ -26,6 +26,7 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from acis_jax.pseudomask.voronoi import voronoi
+from timing import median_time  # benchmarks/timing.py, beside this script
 
 GRIDS = {"3d": ((192, 192, 160), (1000, 8192, 20000)), "2d": ((256, 256), (500, 2048, 8192))}
 
@@ -41,15 +42,6 @@ def make_seeds(shape, n, layout, rng):
     weights /= weights.sum()
   flat = rng.choice(int(np.prod(shape)), n, replace=False, p=weights)
   return np.stack(np.unravel_index(flat, shape), axis=1).astype(np.int32)
-
-
-def median_time(fn, repeats):
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
 
 
 def main():
