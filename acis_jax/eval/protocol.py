@@ -86,52 +86,6 @@ SEGMENTATION_NETS = ("unet", "mednext")
 RECONSTRUCTION_NETS = ("resnet", "redcnn", "esrt")
 
 
-def default_evaluate_config() -> ml_collections.ConfigDict:
-  """The `evaluate` section with the paper's settings where it gives them (sec 3.1).
-
-  Network sizes are the paper's (3DUNet features [16, 32, 64, 128], MedNeXt-S, EDSR-style
-  ResNet, RED-CNN, ESRT); steps, learning rates and the test split are ours.
-  """
-  ev = ml_collections.ConfigDict()
-  ev.num_train = (4, 8, 16)         # few-shot sizes n (each <= the training pool)
-  ev.arms = ARMS
-  ev.seeds = (0, 1, 2)
-  ev.train_band = (0.2, 0.42)       # 2-D: axial band of the training pool (fractions)
-  ev.test_band = (0.44, 0.64)       # 2-D: axial band of the test slices, disjoint from it
-  ev.num_test_slices = 16           # 2-D: test slices per volume
-  ev.num_test_cases = 1             # 3-D: held-out volumes (the last ones in name order)
-  ev.train_synthesizer = True       # train the synthesizer per n when its folders are missing
-
-  ev.segmentation = True            # needs data.num_classes >= 2
-  ev.denoise_sigmas = (0.1,)        # paper: 0.1, 0.2, 0.5 (intensity units, images in [0, 1])
-  ev.deblur_sigmas = ()             # paper: 1, 2, 5 (voxels)
-  ev.superres_factors = (2,)        # paper: 2, 4
-  ev.segmentation_nets = SEGMENTATION_NETS
-  ev.reconstruction_nets = ("resnet", "redcnn")
-  ev.superres_nets = ("esrt",)      # added for super-resolution only, as in the paper
-
-  ev.steps = 2000                   # per arm, the same for every arm
-  ev.batch_size = 4
-  ev.segmentation_learning_rate = 1e-3
-  ev.reconstruction_learning_rate = 1e-4
-  ev.nsd_tolerance_mm = 2.0
-  ev.alpha = 0.05                   # the '*' threshold of the one-sided Wilcoxon test
-  ev.augment = ml_collections.ConfigDict(dataclasses.asdict(AugmentParams()))
-
-  # Constructor arguments of each network (acis_jax.eval.seg_nets / recon_nets).
-  ev.nets = ml_collections.ConfigDict()
-  ev.nets.unet = ml_collections.ConfigDict({"features": (16, 32, 64, 128)})
-  ev.nets.mednext = ml_collections.ConfigDict({"width": 32, "blocks": (2,) * 9,
-                                               "expansion": (2,) * 9, "kernel_size": 3})
-  ev.nets.resnet = ml_collections.ConfigDict({"features": 64, "num_blocks": 16,
-                                              "res_scale": 0.1})
-  ev.nets.redcnn = ml_collections.ConfigDict({"features": 96, "kernel_size": 5})
-  ev.nets.esrt = ml_collections.ConfigDict({"features": 32, "num_hpb": 3,
-                                            "num_transformers": 1, "heads": 4,
-                                            "split_size": 256})
-  return ev
-
-
 # ---------------------------------------------------------------------------------------------
 # Real data: the split and the few-shot subsets
 

@@ -27,6 +27,13 @@ def _conv(in_features: int, out_features: int, spatial_dims: int, kernel_size: i
                      dtype=dtype, rngs=rngs)
 
 
+def _zero_init(conv: nnx.Conv) -> nnx.Conv:
+  """The conv with zero weights: a global-residual net then starts as the identity."""
+  conv.kernel[...] = jnp.zeros_like(conv.kernel[...])
+  conv.bias[...] = jnp.zeros_like(conv.bias[...])
+  return conv
+
+
 class ResidualBlock(nnx.Module):
   """EDSR's block: conv -> ReLU -> conv, no BatchNorm, output `x + res_scale * body(x)`."""
 
@@ -43,7 +50,11 @@ class ResidualBlock(nnx.Module):
 class ResNet(nnx.Module):
   """The paper's "ResNet" (ref [31], EDSR, Lim et al. 2017) without the up-sampler.
 
-  head conv -> `num_blocks` ResidualBlocks -> conv, plus a long skip from the head -> tail conv.
+  head conv -> `num_blocks` ResidualBlocks -> conv, plus a long skip from the head -> tail conv,
+  plus the input: the degraded image is already on the output grid (no up-sampler), so the
+  network predicts the correction to it, as VDSR (Kim et al. 2016) does. The tail conv starts
+  at zero, so the untrained network is the identity and training only has to learn the
+  correction.
   EDSR-baseline has 16 blocks of 64 features with res_scale 1; EDSR 32 blocks of 256 features
   with res_scale 0.1, the residual scaling that keeps wide residual stacks stable. Defaults:
   16 blocks, 64 features, res_scale 0.1.
@@ -61,7 +72,7 @@ class ResNet(nnx.Module):
         ResidualBlock(features, spatial_dims, kernel_size=kernel_size, res_scale=res_scale,
                       dtype=dtype, rngs=rngs) for _ in range(num_blocks)])
     self.body_end = _conv(features, features, spatial_dims, kernel_size, rngs, dtype)
-    self.tail = _conv(features, channels, spatial_dims, kernel_size, rngs, dtype)
+    self.tail = _zero_init(_conv(features, channels, spatial_dims, kernel_size, rngs, dtype))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """`(b, *spatial, channels)` -> `(b, *spatial, channels)`."""
@@ -70,7 +81,7 @@ class ResNet(nnx.Module):
     y = head
     for block in self.blocks:
       y = block(y)
-    return self.tail(head + self.body_end(y))
+    return x + self.tail(head + self.body_end(y))
 
 
 class REDCNN(nnx.Module):
@@ -231,7 +242,8 @@ class ESRT(nnx.Module):
 
   head conv -> lightweight CNN backbone (`num_hpb` HighPreservingBlocks; ESRT uses 3) ->
   lightweight transformer backbone (`num_transformers` EfficientTransformers; ESRT uses 1) ->
-  tail conv, plus ESRT's second path: a conv on the head features added to the tail. ESRT's
+  tail conv, plus ESRT's second path: a conv on the head features added to the tail, plus the
+  input (a global residual with zero-initialised tail and skip convs, as in `ResNet`). ESRT's
   width is 32 channels. What is simplified is said in each block's docstring; the input is the
   low-resolution image re-sampled onto the full grid (module docstring), so both of ESRT's
   pixel-shuffle up-samplers are left out. Spatial sizes must be even and the voxel count a
@@ -249,8 +261,8 @@ class ESRT(nnx.Module):
     self.transformers = nnx.List([
         EfficientTransformer(features, heads=heads, split_size=split_size, rngs=rngs)
         for _ in range(num_transformers)])
-    self.tail = _conv(features, channels, spatial_dims, 3, rngs)
-    self.skip = _conv(features, channels, spatial_dims, 3, rngs)
+    self.tail = _zero_init(_conv(features, channels, spatial_dims, 3, rngs))
+    self.skip = _zero_init(_conv(features, channels, spatial_dims, 3, rngs))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """`(b, *spatial, channels)` -> `(b, *spatial, channels)`."""
@@ -262,4 +274,4 @@ class ESRT(nnx.Module):
       y = block(y)
     for block in self.transformers:
       y = block(y)
-    return self.tail(y) + self.skip(head)
+    return x + self.tail(y) + self.skip(head)

@@ -3,6 +3,7 @@
 Both take any number of input channels (the image discriminator sees image, pseudo-mask and
 labels concatenated) and use only per-sample normalisation, never batch statistics.
 """
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,29 +39,41 @@ def _check_features(features: Sequence[int]) -> tuple[int, ...]:
 
 
 class Critic(nnx.Module):
-  """WGAN-GP critic: `(b, *spatial, in_channels)` -> scores `(b,)` (unbounded, float32).
+  """WGAN-GP critic: `(b, *spatial_shape, in_channels)` -> scores `(b,)` (unbounded, float32).
 
-  Kernel-4 stride-2 convolutions with `features` widths, a spatial mean and a linear map.
-  Default norm is "none" (WGAN-GP penalises per-sample gradients: no batch norm); "layer" is
-  the WGAN-GP paper's alternative. Works for any spatial size of at least `2 ** len(features)`.
+  Kernel-4 stride-2 convolutions with `features` widths, then a linear map of the whole final
+  feature grid (as DCGAN's critic): the score depends on where things are, so the generator is
+  judged on the layout of the anatomy, not only on local texture, which a spatial mean of
+  local features could not see. Default norm is "none" (WGAN-GP penalises per-sample
+  gradients: no batch norm); "layer" is the WGAN-GP paper's alternative.
   """
 
-  def __init__(self, in_channels: int, ndim: int, *, features: Sequence[int] = (64, 128, 256, 512),
-               norm: str = "none", activation: str = "leaky_relu", dtype: Any = None,
-               rngs: nnx.Rngs):
-    check_ndim(ndim)
+  def __init__(self, in_channels: int, spatial_shape: Sequence[int], *,
+               features: Sequence[int] = (64, 128, 256, 512), norm: str = "none",
+               activation: str = "leaky_relu", dtype: Any = None, rngs: nnx.Rngs):
+    spatial_shape = tuple(int(s) for s in spatial_shape)
+    check_ndim(len(spatial_shape))
     features = _check_features(features)
+    final = spatial_shape
+    for _ in features:
+      final = tuple((s + 2 - 4) // 2 + 1 for s in final)  # kernel 4, stride 2, padding 1
+    if min(final) < 1:
+      raise ValueError(f"Critic: {len(features)} stride-2 layers need every spatial size of "
+                       f"at least {2 ** len(features)}, got {spatial_shape}")
     self.in_channels = in_channels
-    self.ndim = ndim
-    self.trunk = _ConvStack(in_channels, ndim, features, (2,) * len(features), norm=norm,
-                            activation=activation, dtype=dtype, rngs=rngs)
-    self.head = nnx.Linear(features[-1], 1, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+    self.spatial_shape = spatial_shape
+    self.trunk = _ConvStack(in_channels, len(spatial_shape), features, (2,) * len(features),
+                            norm=norm, activation=activation, dtype=dtype, rngs=rngs)
+    self.head = nnx.Linear(math.prod(final) * features[-1], 1, dtype=dtype,
+                           param_dtype=jnp.float32, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    check_input(x, self.ndim, self.in_channels, "critic input")
+    check_input(x, len(self.spatial_shape), self.in_channels, "critic input")
+    if x.shape[1:-1] != self.spatial_shape:
+      raise ValueError(f"critic input: spatial shape {x.shape[1:-1]}, but this critic was "
+                       f"built for {self.spatial_shape}")
     h = self.trunk(x)
-    h = jnp.mean(h.astype(jnp.float32), axis=tuple(range(1, self.ndim + 1)))
-    return self.head(h)[:, 0].astype(jnp.float32)
+    return self.head(h.reshape(h.shape[0], -1))[:, 0].astype(jnp.float32)
 
 
 class PatchDiscriminator(nnx.Module):

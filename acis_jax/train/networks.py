@@ -35,7 +35,7 @@ def build_network(name: str, config, rngs: nnx.Rngs) -> nnx.Module:
     return MaskGenerator(model.latent_dim, shape, features=model.mask_generator_features,
                          remat=model.remat, **common)
   if name == "mask_critic":
-    return Critic(1, ndim, features=model.critic_features, **common)
+    return Critic(1, shape, features=model.critic_features, **common)
   if name == "annotation_generator":
     return AnnotationGenerator(num_classes, ndim, features=model.annotation_features,
                                remat=model.remat, **common)

@@ -7,6 +7,8 @@ Each `make_*_step(ctx)` returns `step(state, frozen, batch, key) -> (state, metr
 - `batch`: `{"image": (b, *spatial, 1) in [0, 1], "labels": (b, *spatial) int}` (labels absent
   in label-free runs) plus `"pair_image"` for registration;
 - `key`: this step's key (the trainer folds the step number into the run's key).
+With `ctx.patch_shape` set, every network but the mask generator and its critic sees random
+patches instead of the whole grid (`acis_jax.data.patches`).
 Graph definitions and hyper-parameters live in `ctx` (static). Every example gets
 its own key from `split(key, batch)`, so a batch split over devices computes
 exactly what one device would.
@@ -23,6 +25,7 @@ from flax import nnx
 import optax
 
 from acis_jax.data.augment import AugmentParams, augment
+from acis_jax.data.patches import random_crops
 from acis_jax.pseudomask import PseudoMaskParams, pseudo_mask
 from acis_jax.spatial import appearance_uncertainty, folding_fraction, label_consistency, warp
 from acis_jax.train import losses
@@ -40,6 +43,7 @@ class StepContext:
   augment: AugmentParams
   train: Any   # config.train (loss weights, n_critic, ...)
   refine: Any  # config.refine
+  patch_shape: tuple[int, ...] | None = None  # None: whole grids
 
   def net(self, name: str, params) -> nnx.Module:
     return nnx.merge(self.graphdefs[name], params)
@@ -85,9 +89,16 @@ def generated_masks(ctx: StepContext, frozen: dict, size: int, key: jax.Array) -
   return ctx.net("mask_generator", frozen["mask_generator"])(z)
 
 
+def patches(ctx: StepContext, key: jax.Array, *arrays):
+  """The arrays cropped at the same random places (as they are without a patch shape)."""
+  return random_crops(key, arrays, ctx.patch_shape)
+
+
 def generated_pairs(ctx: StepContext, frozen: dict, size: int, key: jax.Array):
-  """Generated pseudo-masks and hard labels (None when label-free) from the stage-1 generators."""
-  masks = generated_masks(ctx, frozen, size, key)
+  """Generated pseudo-masks (patches of them, with a patch shape) and hard labels (None when
+  label-free) from the stage-1 generators."""
+  mask_key, patch_key = jax.random.split(key)
+  masks, = patches(ctx, patch_key, generated_masks(ctx, frozen, size, mask_key))
   if not ctx.num_classes:
     return masks, None
   logits = ctx.net("annotation_generator", frozen["annotation_generator"])(masks)
@@ -105,7 +116,7 @@ def make_masks_step(ctx: StepContext) -> Callable:
 
   def step(state, frozen, batch, key):
     del frozen
-    prep_key, z_key, gp_key, drop_key = jax.random.split(key, 4)
+    prep_key, z_key, gp_key, drop_key, patch_key = jax.random.split(key, 5)
     image, labels, masks = prepare_real(ctx, batch, prep_key)
     z = jax.random.normal(z_key, (image.shape[0], ctx.latent_dim))
 
@@ -133,6 +144,7 @@ def make_masks_step(ctx: StepContext) -> Callable:
                "critic_grad_norm": critic_norm, "mask_generator_grad_norm": generator_norm}
 
     if ctx.num_classes:
+      masks, labels = patches(ctx, patch_key, masks, labels)
       real_pair = _condition(ctx, masks, labels)
 
       def annotation_loss(params):
@@ -172,8 +184,9 @@ def make_images_step(ctx: StepContext, finetune: bool) -> Callable:
   train = ctx.train
 
   def step(state, frozen, batch, key):
-    prep_key, gen_key, drop_key, fake_drop_key = jax.random.split(key, 4)
+    prep_key, gen_key, drop_key, fake_drop_key, patch_key = jax.random.split(key, 5)
     image, labels, masks = prepare_real(ctx, batch, prep_key)
+    image, labels, masks = patches(ctx, patch_key, image, labels, masks)
     real_condition = _condition(ctx, masks, labels)
     if finetune:
       fake_condition = _condition(ctx, *generated_pairs(ctx, frozen, image.shape[0], gen_key))
@@ -219,9 +232,10 @@ def make_registration_step(ctx: StepContext) -> Callable:
 
   def step(state, frozen, batch, key):
     del frozen
-    moving_key, fixed_key, drop_key = jax.random.split(key, 3)
+    moving_key, fixed_key, drop_key, patch_key = jax.random.split(key, 4)
     moving, _, _ = prepare_real(ctx, {"image": batch["image"]}, moving_key, with_masks=False)
     fixed, _, _ = prepare_real(ctx, {"image": batch["pair_image"]}, fixed_key, with_masks=False)
+    moving, fixed = patches(ctx, patch_key, moving, fixed)
 
     def loss(params):
       disp = ctx.net("registration", params)(moving, fixed, key=drop_key)
@@ -305,9 +319,13 @@ def make_refine_step(ctx: StepContext) -> Callable:
     return image_generator(masks, probs, key=drop_key), probs
 
   def step(state, frozen, batch, key):
-    prep_key, gen_key, drop_key, label_key, noise_key, reward_key = jax.random.split(key, 6)
+    prep_key, gen_key, drop_key, label_key, noise_key, reward_key, patch_key = (
+        jax.random.split(key, 7))
     image, labels, _ = prepare_real(ctx, batch, prep_key, with_masks=False)
     masks = jax.lax.stop_gradient(generated_masks(ctx, frozen, image.shape[0], gen_key))
+    # The same key cuts the real and the generated grids at the same places.
+    image, labels = patches(ctx, patch_key, image, labels)
+    masks, = patches(ctx, patch_key, masks)
     params = {name: state["params"][name] for name in trained}
     baseline = state["extras"]["baseline"]
 

@@ -23,6 +23,7 @@ import numpy as np
 import optax
 
 from acis_jax.data.augment import AugmentParams
+from acis_jax.data.patches import check_patch_shape
 from acis_jax.data.sources import Example, load_examples
 from acis_jax.pseudomask import PseudoMaskParams
 from acis_jax.train import parallel, steps
@@ -166,7 +167,8 @@ def step_context(config, graphdefs: dict, stage: Stage) -> steps.StepContext:
       num_classes=config.data.num_classes, latent_dim=config.model.latent_dim,
       pseudomask=PseudoMaskParams.from_config(config.pseudomask),
       augment=AugmentParams.from_config(config.augment), train=config.train,
-      refine=config.refine)
+      refine=config.refine,
+      patch_shape=check_patch_shape(config.data.patch_shape, config.data.image_shape))
 
 
 def initial_state(stage: Stage, config, workdir: str):

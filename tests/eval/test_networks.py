@@ -143,6 +143,20 @@ def test_resnet_is_edsr_style(numpy_initialised):
   np.testing.assert_allclose(block(x), x + 0.1 * body, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["resnet", "esrt"])
+def test_resnet_and_esrt_start_as_the_identity(name, numpy_initialised):
+  """Global residual: a fresh net returns its input; with its last convs zeroed, any net does."""
+  x = np.random.default_rng(0).standard_normal((1, 16, 16, 2)).astype(np.float32)
+  fresh = _tiny_nets(2)[name](nnx.Rngs(0))
+  np.testing.assert_array_equal(fresh(x), x)
+  net = numpy_initialised(_tiny_nets(2)[name])  # every kernel random, the tail's too
+  assert not np.allclose(net(x), x)
+  _zero(net.tail)
+  if name == "esrt":
+    _zero(net.skip)
+  np.testing.assert_array_equal(net(x), x)
+
+
 def test_redcnn_shortcuts_pass_the_input(numpy_initialised):
   """With every layer zeroed, only the input shortcut is left: output = ReLU(input)."""
   net = numpy_initialised(lambda r: recon_nets.REDCNN(1, spatial_dims=2, features=4, rngs=r))

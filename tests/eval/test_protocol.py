@@ -30,7 +30,7 @@ def make_config(tmp_path, **evaluate):
   config.data.num_classes = NUM_CLASSES
   config.data.num_slices = POOL
   config.synthesize.num_samples = M
-  ev = protocol.default_evaluate_config()
+  ev = config.evaluate
   ev.num_train = (N,)
   ev.seeds = (0,)
   ev.train_band = (0.2, 0.45)
@@ -49,7 +49,6 @@ def make_config(tmp_path, **evaluate):
   ev.nets.resnet.num_blocks = 1
   for name, value in evaluate.items():
     ev[name] = value
-  config.evaluate = ev
   return config
 
 

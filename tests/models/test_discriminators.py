@@ -12,7 +12,7 @@ from acis_jax.train.losses import gradient_penalty
 @pytest.mark.parametrize("ndim", [2, 3])
 def test_critic_scores_and_penalty_gradients(ndim, rngs, key, jit_apply):
   shape = (32,) * ndim
-  critic = Critic(2, ndim, features=(4, 8, 8), rngs=rngs())
+  critic = Critic(2, shape, features=(4, 8, 8), rngs=rngs())
   data = np.random.default_rng(0)
   real = jnp.asarray(data.uniform(size=(3, *shape, 2)), jnp.float32)
   fake = jnp.asarray(data.uniform(size=(3, *shape, 2)), jnp.float32)
@@ -35,9 +35,21 @@ def test_critic_scores_and_penalty_gradients(ndim, rngs, key, jit_apply):
   assert len(kernels) == 4 and all(float(jnp.abs(g).sum()) > 0 for g in kernels)
 
 
-def test_critic_rejects_wrong_channels(rngs):
+def test_critic_rejects_wrong_channels_and_grids(rngs):
+  critic = Critic(2, (16, 16), features=(4, 8), rngs=rngs())
   with pytest.raises(ValueError, match="critic input"):
-    Critic(2, 2, features=(4, 8), rngs=rngs())(jnp.ones((1, 16, 16, 3)))
+    critic(jnp.ones((1, 16, 16, 3)))
+  with pytest.raises(ValueError, match=r"built for \(16, 16\)"):
+    critic(jnp.ones((1, 16, 32, 2)))
+
+
+def test_critic_sees_where_things_are(rngs, jit_apply):
+  """The same blob at two places scores differently: the head reads the whole grid."""
+  critic = Critic(1, (32, 32), features=(4, 8, 8), rngs=rngs())
+  blob = jnp.zeros((1, 32, 32, 1)).at[:, 4:10, 4:10].set(1.0)
+  moved = jnp.roll(blob, (16, 16), axis=(1, 2))
+  scores = jit_apply(critic, jnp.concatenate([blob, moved]))
+  assert abs(float(scores[0] - scores[1])) > 1e-4
 
 
 @pytest.mark.parametrize("ndim, size", [(2, 48), (2, 37), (3, 32)])

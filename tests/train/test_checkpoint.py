@@ -19,7 +19,7 @@ NETWORKS = {
     "annotation": (lambda s: AnnotationGenerator(3, 2, features=(4, 4), rngs=_rngs(s)), (_X,)),
     "image": (lambda s: ImageGenerator(2, 2, features=(4, 4), rngs=_rngs(s)),
               (_X, jnp.concatenate([_X, 1 - _X], -1))),
-    "critic": (lambda s: Critic(1, 2, features=(4, 4), rngs=_rngs(s)), (_X,)),
+    "critic": (lambda s: Critic(1, _X.shape[1:-1], features=(4, 4), rngs=_rngs(s)), (_X,)),
     "patch": (lambda s: PatchDiscriminator(1, 2, features=(4, 4), rngs=_rngs(s)), (_X,)),
     "registration": (lambda s: RegistrationNet(2, features=(4, 4), final_convs=(4,),
                                                rngs=_rngs(s)), (_X, _X[:, ::-1])),
@@ -56,11 +56,11 @@ def test_round_trip_into_a_fresh_model(name, tmp_path):
 
 
 def test_other_widths_fail_clearly(tmp_path):
-  save_state(tmp_path / "ckpt", nnx.state(Critic(1, 2, features=(4, 8), rngs=_rngs(0))))
-  wider = nnx.state(nnx.eval_shape(lambda: Critic(1, 2, features=(4, 16), rngs=_rngs(0))))
+  save_state(tmp_path / "ckpt", nnx.state(Critic(1, _X.shape[1:-1], features=(4, 8), rngs=_rngs(0))))
+  wider = nnx.state(nnx.eval_shape(lambda: Critic(1, _X.shape[1:-1], features=(4, 16), rngs=_rngs(0))))
   with pytest.raises(ValueError, match=r"trunk/blocks/1/conv/kernel.*\(4, 4, 4, 8\).*16"):
     restore_state(tmp_path / "ckpt", wider)
-  deeper = nnx.state(nnx.eval_shape(lambda: Critic(1, 2, features=(4, 8, 8), rngs=_rngs(0))))
+  deeper = nnx.state(nnx.eval_shape(lambda: Critic(1, _X.shape[1:-1], features=(4, 8, 8), rngs=_rngs(0))))
   with pytest.raises(ValueError, match="missing from checkpoint: trunk/blocks/2"):
     restore_state(tmp_path / "ckpt", deeper)
 
