@@ -1,6 +1,9 @@
-"""Turning config sections into the frozen dataclasses that jit keys on."""
+"""Loading experiment configs, and turning config sections into the frozen dataclasses that
+jit keys on."""
 
 import dataclasses
+import importlib.util
+import os
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -19,3 +22,14 @@ def dataclass_from_config(cls: type[T], config: Any, what: str) -> T:
   if unknown:
     raise ValueError(f"unknown {what} settings {unknown}; known: {sorted(fields)}")
   return cls(**given)
+
+
+def load_config_file(path: str, arg: str | None = None) -> Any:
+  """`get_config(arg)` of an experiment file, as `--config=PATH:ARG` would load it."""
+  name = os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  if spec is None or not os.path.isfile(path):
+    raise FileNotFoundError(f"{path}: no such experiment config file")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)

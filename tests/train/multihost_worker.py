@@ -10,7 +10,6 @@ checkpoint of step K is committed (exit code 3), as a preempted job would.
 """
 
 import argparse
-import importlib.util
 import os
 import sys
 
@@ -19,6 +18,7 @@ import jax
 import numpy as np
 import optax
 
+from acis_jax.config_utils import load_config_file
 from acis_jax.train import parallel, trainer
 from acis_jax.train.stage_checkpoints import StageCheckpoints
 
@@ -32,11 +32,7 @@ class Stopped(Exception):
 
 def run_config(steps: int, batch_size: int = 4):
   """experiments/smoke.py, label-free (half the compile time of the labelled step)."""
-  spec = importlib.util.spec_from_file_location(
-      "smoke", os.path.join(REPO, "experiments", "smoke.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = load_config_file(os.path.join(REPO, "experiments", "smoke.py"))
   config.data.num_classes = 0
   config.train.batch_size = batch_size
   config.train.masks_steps = steps

@@ -5,7 +5,6 @@ change where activations come from in the backward pass, never the loss or the g
 """
 
 import dataclasses
-import importlib.util
 import os
 import functools
 
@@ -17,6 +16,7 @@ import optax
 import pytest
 from flax import nnx
 
+from acis_jax.config_utils import load_config_file
 from acis_jax.data.phantom import chest_phantom
 from acis_jax.data.preprocess import window_hu
 from acis_jax.train.networks import NETWORKS, abstract_params, init_networks
@@ -31,11 +31,7 @@ REMAT_PRIMITIVE = jax.make_jaxpr(jax.checkpoint(jnp.sin))(1.0).jaxpr.eqns[0].pri
 
 def tiny_config(dtype: str, remat: bool):
   """The smoke config's networks (32x32) with fewer classes."""
-  spec = importlib.util.spec_from_file_location(
-      "smoke", os.path.join(REPO, "experiments", "smoke.py"))
-  smoke = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(smoke)
-  config = smoke.get_config()
+  config = load_config_file(os.path.join(REPO, "experiments", "smoke.py"))
   assert tuple(config.data.image_shape) == SHAPE
   config.data.num_classes = NUM_CLASSES
   config.refine.mode = "backprop"  # gradients through both generators and the registration net

@@ -1,7 +1,6 @@
 """Patch training (`config.data.patch_shape`): the crops, and what each stage's networks see."""
 
 import dataclasses
-import importlib.util
 import os
 
 import jax
@@ -10,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from acis_jax.config_utils import load_config_file
 from acis_jax.data.patches import check_patch_shape, random_crops, random_origins
 from acis_jax.train.networks import abstract_params, init_networks
 from acis_jax.train.trainer import initial_state, stages, step_context
@@ -60,11 +60,7 @@ def test_no_patch_or_the_whole_grid_means_whole_grids():
 
 
 def smoke_config(patch_shape):
-  spec = importlib.util.spec_from_file_location(
-      "smoke", os.path.join(REPO, "experiments", "smoke.py"))
-  smoke = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(smoke)
-  config = smoke.get_config()
+  config = load_config_file(os.path.join(REPO, "experiments", "smoke.py"))
   assert tuple(config.data.image_shape) == GRID
   config.data.patch_shape = patch_shape
   config.train.batch_size = 2

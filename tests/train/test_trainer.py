@@ -1,7 +1,6 @@
 """The training loop in process: data parallel equivalence, NaN stops, foreign checkpoints."""
 
 import dataclasses
-import importlib.util
 import os
 
 import jax
@@ -9,6 +8,7 @@ import numpy as np
 import optax
 import pytest
 
+from acis_jax.config_utils import load_config_file
 from acis_jax.train import parallel
 from acis_jax.train.stage_checkpoints import StageCheckpoints
 from acis_jax.train.trainer import (fingerprint, initial_state, load_training_data, run_stage,
@@ -18,11 +18,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def smoke_config(arg=None):
-  spec = importlib.util.spec_from_file_location(
-      "smoke", os.path.join(REPO, "experiments", "smoke.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return load_config_file(os.path.join(REPO, "experiments", "smoke.py"), arg)
 
 
 def test_one_step_on_8_devices_equals_the_same_batch_on_1(tmp_path):
