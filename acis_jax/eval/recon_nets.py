@@ -22,16 +22,14 @@ def _check_spatial_dims(spatial_dims: int, name: str) -> None:
 
 
 def _conv(in_features: int, out_features: int, spatial_dims: int, kernel_size: int,
-          rngs: nnx.Rngs, dtype: Any = None) -> nnx.Conv:
+          rngs: nnx.Rngs, dtype: Any = None, kernel_init: Any = None) -> nnx.Conv:
   return layers.conv(in_features, out_features, spatial_dims, kernel_size=kernel_size,
-                     dtype=dtype, rngs=rngs)
+                     dtype=dtype, kernel_init=kernel_init, rngs=rngs)
 
 
-def _zero_init(conv: nnx.Conv) -> nnx.Conv:
-  """The conv with zero weights: a global-residual net then starts as the identity."""
-  conv.kernel[...] = jnp.zeros_like(conv.kernel[...])
-  conv.bias[...] = jnp.zeros_like(conv.bias[...])
-  return conv
+# For the last convs of the global-residual nets (biases start at zero anyway): an untrained
+# net is then the identity.
+_ZEROS = nnx.initializers.zeros_init()
 
 
 class ResidualBlock(nnx.Module):
@@ -72,7 +70,8 @@ class ResNet(nnx.Module):
         ResidualBlock(features, spatial_dims, kernel_size=kernel_size, res_scale=res_scale,
                       dtype=dtype, rngs=rngs) for _ in range(num_blocks)])
     self.body_end = _conv(features, features, spatial_dims, kernel_size, rngs, dtype)
-    self.tail = _zero_init(_conv(features, channels, spatial_dims, kernel_size, rngs, dtype))
+    self.tail = _conv(features, channels, spatial_dims, kernel_size, rngs, dtype,
+                      kernel_init=_ZEROS)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """`(b, *spatial, channels)` -> `(b, *spatial, channels)`."""
@@ -261,8 +260,8 @@ class ESRT(nnx.Module):
     self.transformers = nnx.List([
         EfficientTransformer(features, heads=heads, split_size=split_size, rngs=rngs)
         for _ in range(num_transformers)])
-    self.tail = _zero_init(_conv(features, channels, spatial_dims, 3, rngs))
-    self.skip = _zero_init(_conv(features, channels, spatial_dims, 3, rngs))
+    self.tail = _conv(features, channels, spatial_dims, 3, rngs, kernel_init=_ZEROS)
+    self.skip = _conv(features, channels, spatial_dims, 3, rngs, kernel_init=_ZEROS)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """`(b, *spatial, channels)` -> `(b, *spatial, channels)`."""

@@ -323,9 +323,8 @@ def make_refine_step(ctx: StepContext) -> Callable:
         jax.random.split(key, 7))
     image, labels, _ = prepare_real(ctx, batch, prep_key, with_masks=False)
     masks = jax.lax.stop_gradient(generated_masks(ctx, frozen, image.shape[0], gen_key))
-    # The same key cuts the real and the generated grids at the same places.
-    image, labels = patches(ctx, patch_key, image, labels)
-    masks, = patches(ctx, patch_key, masks)
+    # Real and generated grids cut at the same places.
+    image, labels, masks = patches(ctx, patch_key, image, labels, masks)
     params = {name: state["params"][name] for name in trained}
     baseline = state["extras"]["baseline"]
 
