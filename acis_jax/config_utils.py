@@ -33,3 +33,12 @@ def load_config_file(path: str, arg: str | None = None) -> Any:
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg)
+
+
+def parse_presets(arg: str | None, known: tuple[str, ...]) -> set[str]:
+  """The comma-separated presets of `--config=FILE:ARG`; an unknown one is an error."""
+  presets = set(arg.split(",")) if arg else set()
+  unknown = sorted(presets.difference(known))
+  if unknown:
+    raise ValueError(f"unknown presets {unknown}; known: {known}")
+  return presets

@@ -19,14 +19,12 @@ Presets: `demo.py:pseudomask` shows the pseudo-masks of the CT at 192x192x160 in
 on one 256x256 slice.
 """
 
+from acis_jax.config_utils import parse_presets
 from acis_jax.defaults import base_config
 
 
 def get_config(arg=None):
-  presets = set(arg.split(",")) if arg else set()
-  known = ("pseudomask", "2d")
-  if presets.difference(known):
-    raise ValueError(f"unknown presets {sorted(presets.difference(known))}; known: {known}")
+  presets = parse_presets(arg, known=("pseudomask", "2d"))
   config = base_config()
   config.data.sample = "chest"
   config.data.num_classes = 5  # background, heart, aorta, left lung, right lung

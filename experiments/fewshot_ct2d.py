@@ -34,14 +34,12 @@ checks the plumbing end to end on the real data in ~5 minutes; its table means n
 colab/03_evaluate.ipynb runs, about 90 s; its table means nothing either).
 """
 
+from acis_jax.config_utils import parse_presets
 from acis_jax.defaults import base_config
 
 
 def get_config(arg=None):
-  presets = set(arg.split(",")) if arg else set()
-  known = ("measure", "smoke")
-  if presets.difference(known):
-    raise ValueError(f"unknown presets {sorted(presets.difference(known))}; known: {known}")
+  presets = parse_presets(arg, known=("measure", "smoke"))
   config = base_config()
   config.mode = "evaluate"
   config.data.sample = "chest"

@@ -9,14 +9,12 @@ the plumbing). Presets, comma-separated: `3d` (a 16x16x16 phantom instead),
 `pseudomask` (only pseudo-masks, 48x48x40, or 64x64 with `2d`).
 """
 
+from acis_jax.config_utils import parse_presets
 from acis_jax.defaults import base_config
 
 
 def get_config(arg=None):
-  presets = set(arg.split(",")) if arg else set()
-  known = ("3d", "pseudomask", "2d")
-  if presets.difference(known):
-    raise ValueError(f"unknown presets {sorted(presets.difference(known))}; known: {known}")
+  presets = parse_presets(arg, known=("3d", "pseudomask", "2d"))
   config = base_config()
   config.data.sample = "phantom"
   config.data.num_classes = 6  # the phantom's background + 5 structures
