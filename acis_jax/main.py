@@ -10,11 +10,16 @@ from absl import app, flags, logging
 import jax
 from ml_collections import config_flags
 
+from acis_jax.data.sample import cache_root
 from acis_jax.train.parallel import maybe_initialize_distributed
 from acis_jax.train.progress import show_progress_logs
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for outputs and checkpoints.")
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache", "auto",
+    "JAX's persistent compilation cache, so that a second run does not compile again: "
+    "'auto' (CACHE/jax_compilation, CACHE as for the sample data), a directory, or 'off'.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 # mode -> "module:function" taking (config, workdir). A comma-separated mode
@@ -27,6 +32,19 @@ JOBS = {
 }
 
 
+def enable_compilation_cache(setting: str) -> None:
+  """Turns on JAX's persistent compilation cache (`--compilation_cache`)."""
+  if setting == "off":
+    return
+  if setting == "auto":
+    if jax.config.jax_compilation_cache_dir:  # set by JAX_COMPILATION_CACHE_DIR
+      return
+    setting = str(cache_root() / "jax_compilation")
+  jax.config.update("jax_compilation_cache_dir", setting)
+  # Small programs too: the steps of a CPU run compile in a few seconds each.
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -37,6 +55,7 @@ def main(argv):
   if unknown:
     raise app.UsageError(f"config.mode={config.mode!r}: unknown {unknown}; known modes: "
                          f"{sorted(JOBS)}")
+  enable_compilation_cache(_COMPILATION_CACHE.value)
   maybe_initialize_distributed(config)  # before anything asks JAX for devices
   logging.info("JAX process %d/%d, devices: %s", jax.process_index(), jax.process_count(),
                jax.devices())
@@ -46,4 +65,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  jax.config.config_with_absl()  # JAX's own flags: --jax_platforms=cpu, --jax_debug_nans, ...
   app.run(main)

@@ -12,7 +12,7 @@ On the project's shared 2-core CPU the default run takes ~11 minutes (compilatio
 row), `--shapes 32x32x32` about an hour (3-D convolutions: 2-60 s a step), and
 `--size full --trace-only` ~3 minutes. Full size is a GPU job: compile and run every row there.
 
-Each step is built as the trainer builds it (`stages`, `initial_state`, `step_context`, the
+Each step is built as the trainer builds it (`stages`, `fresh_state`, `step_context`, the
 stage's phase factory) from `acis_jax.defaults.base_config()` with batch size 1 and the given
 image shape (2-D: 2048 seeds, DESIGN.md's 2-D default); only `config.model.dtype`,
 `config.model.remat`, `config.refine.mode` and `config.data.patch_shape` (`--patches`) vary.
@@ -68,7 +68,8 @@ from acis_jax.data.phantom import chest_phantom  # noqa: E402
 from acis_jax.data.preprocess import window_hu  # noqa: E402
 from acis_jax.defaults import base_config  # noqa: E402
 from acis_jax.train.networks import NETWORKS, abstract_params, init_networks  # noqa: E402
-from acis_jax.train.trainer import initial_state, stages, step_context  # noqa: E402
+from acis_jax.train.stages import stages  # noqa: E402
+from acis_jax.train.trainer import fresh_state, step_context  # noqa: E402
 
 SIZES = {"reduced": ("64x64",), "full": ("256x256", "192x192x160")}
 # benchmark stage -> (trainer stage, phase index, refine mode)
@@ -106,13 +107,13 @@ def _trainer_stage(config, name: str):
 def initial_arrays(shape: tuple[int, ...], stage_name: str, abstract: bool):
   """State and frozen parameters of a stage (the same for every dtype and remat setting).
 
-  `initial_state` without `init_from` initialises every trained network as a first run
+  `fresh_state` without start parameters initialises every trained network as a first run
   would, instead of loading earlier stages from a work directory. `abstract`: shapes only.
   """
   def make():
     config = make_config(shape)
     stage = _trainer_stage(config, stage_name)
-    _, state = initial_state(dataclasses.replace(stage, init_from={}), config, workdir="")
+    state = fresh_state(stage, config, step_context(config, stage))
     _, frozen = init_networks(tuple(stage.frozen), config, config.seed)
     return state, frozen
   return jax.eval_shape(make) if abstract else make()
@@ -205,8 +206,7 @@ def measure(stage_key: str, shape: tuple[int, ...], dtype: str, remat: bool, run
   stage_name, phase, refine_mode = STAGES[stage_key]
   config = make_config(shape, dtype, remat, refine_mode, patch)
   stage = _trainer_stage(config, stage_name)
-  graphdefs = {n: abstract_params(n, config)[0] for n in (*stage.trained, *stage.frozen)}
-  step = stage.phases[phase][1](step_context(config, graphdefs, stage))
+  step = stage.phases[phase][1](step_context(config, stage))
   state, frozen = (initial_arrays if fresh_process else cached_initial_arrays)(
       shape, stage_name, trace_only)
   batch = phantom_batch(config)

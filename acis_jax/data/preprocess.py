@@ -18,12 +18,22 @@ from acis_jax.data.nifti import Volume
 GRID_TOLERANCE_MM = 1e-3
 
 
-def window_hu(hu: np.ndarray, low: float = -1000.0, high: float = 600.0) -> np.ndarray:
+HU_WINDOW = (-1000.0, 600.0)  # the paper's window (sec 3.1)
+
+
+def window_hu(hu: np.ndarray, low: float = HU_WINDOW[0], high: float = HU_WINDOW[1]
+              ) -> np.ndarray:
   """Clips HU to [low, high] and maps that range linearly onto [0, 1]; float32, same shape."""
   if not low < high:
     raise ValueError(f"window needs low < high, got low={low}, high={high}")
   hu = np.asarray(hu, dtype=np.float32)
   return np.clip((hu - np.float32(low)) / np.float32(high - low), 0.0, 1.0)
+
+
+def unwindow_hu(x: np.ndarray, low: float = HU_WINDOW[0], high: float = HU_WINDOW[1]
+                ) -> np.ndarray:
+  """The inverse of `window_hu` on [0, 1]: HU, float32."""
+  return (np.float32(low) + np.asarray(x, np.float32) * np.float32(high - low)).astype(np.float32)
 
 
 def _target_shape(volume: Volume, shape: Sequence[int]) -> tuple[int, ...]:

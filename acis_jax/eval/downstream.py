@@ -31,6 +31,7 @@ import optax
 from flax import nnx
 
 from acis_jax.eval import degrade, metrics
+from acis_jax.train.state import TrainState, apply_update
 
 SEGMENTATION = "segmentation"
 TASKS = (SEGMENTATION,) + degrade.TASKS
@@ -75,12 +76,6 @@ class Task:
   def degrade(self, key: jax.Array, image: jax.Array) -> jax.Array:
     """The network input made from one clean case `(*spatial, channels)` (reconstruction)."""
     return degrade.make_degradation(self.name, self.level)(key, image)
-
-
-class TrainState(NamedTuple):
-  """What the train step updates and donates: parameters and the optimiser state."""
-  params: nnx.State
-  opt_state: optax.OptState
 
 
 class Trained(NamedTuple):
@@ -159,8 +154,8 @@ def train_step(graphdef: nnx.GraphDef, state: TrainState, batch: tuple[jax.Array
     return task_loss(task, nnx.merge(graphdef, params)(inputs), targets)
 
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
-  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-  return TrainState(optax.apply_updates(state.params, updates), opt_state), loss
+  params, opt_state = apply_update(state.params, state.opt_state, grads, optimizer)
+  return state.replace(params=params, opt_state=opt_state).next_step(), loss
 
 
 def make_train_step(task: Task, optimizer: optax.GradientTransformation,
@@ -259,7 +254,7 @@ def train_downstream(net_factory: Callable[[nnx.Rngs], nnx.Module], task: Task,
                      f"it also holds {kinds}: the pure train step does not carry batch "
                      "statistics or RNG state")
   optimizer, step_fn = _adam_train_step(task, float(learning_rate), augment)
-  state = TrainState(params, optimizer.init(params))
+  state = TrainState.create(params, optimizer.init(params))
   losses = []
   for step in range(steps):
     batch_key, step_key = jax.random.split(jax.random.fold_in(train_key, step))

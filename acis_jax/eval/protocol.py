@@ -76,11 +76,9 @@ from acis_jax.eval.recon_nets import ESRT, REDCNN, ResNet
 from acis_jax.eval.seg_nets import MedNeXt, SegUNet
 from acis_jax.jobs import synthesize
 from acis_jax.train import trainer
-from acis_jax.train.stage_checkpoints import write_json_atomically
+from acis_jax.workdir import SYNTHETIC_FOLDERS, Workdir, write_json_atomically
 
 ARMS = ("baseline", "acis-", "acis", "upper")
-# Arms trained on synthetic pairs -> the synthesize output folder (under WORKDIR/synth_n{n}/).
-SYNTHETIC_FOLDERS = {"acis": "synthetic", "acis-": "synthetic_unrefined"}
 
 SEGMENTATION_NETS = ("unet", "mednext")
 RECONSTRUCTION_NETS = ("resnet", "redcnn", "esrt")
@@ -166,10 +164,6 @@ def few_shot_subset(pool: Sequence[Example], n: int) -> list[Example]:
 # Synthetic data
 
 
-def synthesizer_dir(workdir: str, n: int) -> str:
-  return os.path.join(workdir, f"synth_n{n}")
-
-
 def _synthetic_files(folder: str, count: int, labelled: bool) -> list[tuple[str, str | None]]:
   names = [f"synth_{i:04d}.nii.gz" for i in range(count)]
   return [(os.path.join(folder, "imagesTr", name),
@@ -208,27 +202,27 @@ def load_synthetic(folder: str, count: int, config) -> tuple[np.ndarray, np.ndar
   return np.stack(images)[..., None], (np.stack(labels) if labels else None)
 
 
-def ensure_synthetic(config, workdir: str, n: int, examples: list[Example]) -> str:
+def ensure_synthetic(config, workdir: str, n: int, examples: list[Example]) -> Workdir:
   """WORKDIR/synth_n{n}/, with ACIS and ACIS- pairs of a synthesizer trained on `examples`.
 
   Complete synthetic folders are used as they are; otherwise the synthesizer is trained
   (finished stages skipped) and `synthesize` writes both folders.
   """
-  root = synthesizer_dir(workdir, n)
+  root = Workdir(workdir).synthesizer(n)
   count, labelled = config.synthesize.num_samples, config.data.num_classes > 0
-  folders = [os.path.join(root, f) for f in SYNTHETIC_FOLDERS.values()]
+  folders = [root.synthetic(arm) for arm in SYNTHETIC_FOLDERS]
   if all(synthetic_complete(f, count, labelled) for f in folders):
     return root
   if not config.evaluate.train_synthesizer:
-    raise ValueError(f"{root}: the synthetic folders {list(SYNTHETIC_FOLDERS.values())} lack "
+    raise ValueError(f"{root.root}: the synthetic folders {list(SYNTHETIC_FOLDERS.values())} lack "
                      f"some of synth_0000..synth_{count - 1:04d}, and "
                      "evaluate.train_synthesizer=False")
   synth_config = config.copy_and_resolve_references()
   synth_config.synthesize.unrefined = True  # ACIS- is an arm
   logging.info("[evaluate] training the synthesizer for n=%d on %s", n,
                [e.name for e in examples])
-  trainer.train(synth_config, root, examples=examples)
-  synthesize.run(synth_config, root)
+  trainer.train(synth_config, root.root, examples=examples)
+  synthesize.run(synth_config, root.root)
   return root
 
 
@@ -399,12 +393,12 @@ def training_sets(config, workdir: str, split: Split) -> dict[tuple[str, int], C
     examples = few_shot_subset(split.pool, int(n))
     real = stack_cases(config, examples)
     synthetic_arms = [arm for arm in ev.arms if arm in SYNTHETIC_FOLDERS]
-    root = ensure_synthetic(config, workdir, int(n), examples) if synthetic_arms else ""
+    root = ensure_synthetic(config, workdir, int(n), examples) if synthetic_arms else None
     for arm in ev.arms:
       if arm == "baseline":
         sets[arm, int(n)] = real
       elif arm in SYNTHETIC_FOLDERS:
-        folder = os.path.join(root, SYNTHETIC_FOLDERS[arm])
+        folder = root.synthetic(arm)
         sets[arm, int(n)] = _join(real, *load_synthetic(folder, config.synthesize.num_samples,
                                                         config))
   if "upper" in ev.arms:
@@ -424,7 +418,7 @@ def run(config, workdir: str) -> None:
   logging.info("[evaluate] training pool %d case(s), test set %d case(s): %s",
                len(split.pool), len(split.test), list(test.names))
   sets = training_sets(config, workdir, split)
-  out = os.path.join(workdir, "eval")
+  out = Workdir(workdir).eval
   augment_params = AugmentParams.from_config(ev.augment)
   # One augment function per kind of target, so every arm reuses one compiled train step.
   augments = {True: downstream_augment(augment_params, config.data.num_classes or None),

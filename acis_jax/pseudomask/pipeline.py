@@ -8,11 +8,12 @@ parameters static, and `jax.vmap` over keys and images gives a batch.
 from __future__ import annotations
 
 import dataclasses
-import logging
 from typing import Any, NamedTuple
 
+from absl import logging
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from acis_jax.config_utils import dataclass_from_config
 from acis_jax.pseudomask.canny import canny, canny_slicewise
@@ -76,11 +77,17 @@ class PseudoMask(NamedTuple):
   edges: jax.Array
 
 
-def _warn_no_edges(no_edges) -> None:
-  if bool(jnp.any(no_edges)):
-    logging.warning(
-        "pseudo-mask: the image has no Canny edges (constant or all air); "
-        "seeds are drawn uniformly over the body instead")
+def warn_if_no_edges(result: PseudoMask, name: str) -> bool:
+  """Warns, on the host, when a pseudo-mask's image had no Canny edges; True if so.
+
+  (A host callback inside the jitted pipeline would keep JAX's persistent compilation
+  cache from storing every program that makes pseudo-masks.)
+  """
+  if np.asarray(result.edges).any():
+    return False
+  logging.warning("%s: the image has no Canny edges (constant or all air); seeds are drawn "
+                  "uniformly over the body instead", name)
+  return True
 
 
 def edge_density(key: jax.Array, image: jax.Array, params: PseudoMaskParams):
@@ -101,7 +108,6 @@ def edge_density(key: jax.Array, image: jax.Array, params: PseudoMaskParams):
   density = jnp.where(density >= params.density_cutoff * density.max(), density, 0.0)
 
   no_edges = ~jnp.any(edges)
-  jax.debug.callback(_warn_no_edges, no_edges)
   body = image > params.body_threshold
   support = jnp.where(jnp.sum(body) >= params.num_seeds, body, True)
   density = jnp.where(no_edges, support.astype(density.dtype), density)

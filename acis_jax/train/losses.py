@@ -64,19 +64,6 @@ def lsgan_generator_loss(fake_logits: jax.Array) -> jax.Array:
   return jnp.mean(jnp.square(fake_logits - 1.0))
 
 
-def bce_discriminator_loss(real_logits: jax.Array, fake_logits: jax.Array) -> jax.Array:
-  """Binary cross-entropy on logits: `0.5 (mean -log s(real) + mean -log(1 - s(fake)))`."""
-  return 0.5 * (jnp.mean(-jax.nn.log_sigmoid(real_logits))
-                + jnp.mean(-jax.nn.log_sigmoid(-fake_logits)))
-
-
-def bce_generator_loss(fake_logits: jax.Array) -> jax.Array:
-  """Non-saturating generator loss on logits: `mean -log s(D(fake))`."""
-  return jnp.mean(-jax.nn.log_sigmoid(fake_logits))
-
-
-# ---------------------------------------------------------------- supervised
-
 def mse(prediction: jax.Array, target: jax.Array) -> jax.Array:
   """Mean squared error over all elements (the pix2pix reconstruction term of ACIS)."""
   if prediction.shape != target.shape:

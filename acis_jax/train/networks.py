@@ -1,11 +1,12 @@
 """The networks of a run, built from `config.model`, and their parameters as plain pytrees.
 
 Training steps never hold modules: they receive each network's `nnx.State` and
-merge it with a graph definition made once here.
+merge it with a graph definition made once here (`acis_jax.train.generation.Chain.net`).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import jax
@@ -14,6 +15,9 @@ from flax import nnx
 
 from acis_jax.models import (AnnotationGenerator, Critic, ImageGenerator, MaskGenerator,
                              PatchDiscriminator, RegistrationNet)
+from acis_jax.rng import stream_key
+from acis_jax.train.checkpoint import restore_state
+from acis_jax.workdir import Workdir
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -63,15 +67,15 @@ NETWORKS = ("mask_generator", "mask_critic", "annotation_generator", "label_disc
 def init_networks(names, config, seed: int) -> tuple[dict, dict]:
   """Graph definitions and freshly initialised parameters of `names`.
 
-  Each network's initial parameters depend only on `seed` and its name. They
-  are drawn with the "rbg" generator under jit: XLA compiles threefry slowly
-  for every parameter shape (10-20 s per small network on a CPU, 3 s with rbg).
+  Each network's initial parameters depend only on `seed` and its name (random stream
+  `init/<name>`). They are drawn with the "rbg" generator under jit: XLA compiles threefry
+  slowly for every parameter shape (10-20 s per small network on a CPU, 3 s with rbg).
   """
   graphdefs, params = {}, {}
   for name in names:
     graphdefs[name], _ = abstract_params(name, config)
     init = jax.jit(lambda k, name=name: nnx.state(build_network(name, config, nnx.Rngs(k))))
-    params[name] = init(jax.random.key(seed * len(NETWORKS) + NETWORKS.index(name), impl="rbg"))
+    params[name] = init(stream_key(seed, f"init/{name}", impl="rbg"))
   return graphdefs, params
 
 
@@ -81,5 +85,30 @@ def abstract_params(name: str, config) -> tuple[nnx.GraphDef, Any]:
   return nnx.split(module)
 
 
-def merge(graphdefs: dict, params: dict, name: str) -> nnx.Module:
-  return nnx.merge(graphdefs[name], params[name])
+def parameter_count(params) -> int:
+  return sum(leaf.size for leaf in jax.tree.leaves(params))
+
+
+def load_network(workdir: Workdir, stage: str, network: str, config):
+  """Parameters of `network` as trained by `stage`, on this process's first device.
+
+  Readable on any devices, whatever those it was trained on (refused if shapes
+  differ). In a multi-host run every process must call it (orbax synchronizes).
+  """
+  path = workdir.network(stage, network)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"{path} is missing: run the '{stage}' stage first (mode=train)")
+  _, abstract = abstract_params(network, config)
+  # Without a target device orbax places each array as it was saved, which fails
+  # on other devices (e.g. networks trained on a pod, read on one machine).
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                          abstract)
+  try:
+    return restore_state(path, abstract)
+  except ValueError:
+    raise  # shapes that differ: restore_state names them
+  except Exception as error:  # orbax raises many types for unreadable files
+    raise ValueError(
+        f"the {network} network of stage '{stage}' at {path} cannot be read ({error}); "
+        f"delete {workdir.done_marker(stage)} and run mode=train again to rebuild it") from error

@@ -1,4 +1,4 @@
-"""Training progress: one JSON object per line in WORKDIR/metrics.jsonl, a readable console line.
+"""Training progress: one JSON object per line in the run's metrics file, a readable console line.
 
 Only process 0 writes, so a multi-host run logs once.
 """
@@ -43,15 +43,20 @@ class Progress:
   its own speed, not one diluted by the steps restored from a checkpoint.
   """
 
-  def __init__(self, workdir: str, stage: str, first_step: int, total_steps: int):
-    self.path = os.path.join(workdir, "metrics.jsonl")
+  def __init__(self, path: str, stage: str, first_step: int, total_steps: int):
+    self.path = path
     self.stage = stage
     self.first_step = first_step
     self.total_steps = total_steps
     self.start = time.perf_counter()
     self.enabled = jax.process_index() == 0
     if self.enabled:
-      os.makedirs(workdir, exist_ok=True)
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+
+  def restart_clock(self, steps_taken: int) -> None:
+    """Counts the rate from now on (e.g. after compiling), `steps_taken` steps in."""
+    self.start = time.perf_counter()
+    self.first_step = steps_taken
 
   def steps_per_second(self, step: int) -> float:
     elapsed = time.perf_counter() - self.start

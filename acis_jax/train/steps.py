@@ -1,15 +1,16 @@
 """Pure training steps of the ACIS stages (paper sec 2.2-2.3, DESIGN.md).
 
 Each `make_*_step(ctx)` returns `step(state, frozen, batch, key) -> (state, metrics)`:
-- `state`: `{"params": {network: nnx.State}, "opt_state": {network: optax state},
-  "extras": {...}}`, the only thing that changes (the trainer donates it);
+- `state`: a `TrainState` (`acis_jax.train.state`) whose `params` and `opt_state` map each
+  trained network to its parts, the only thing that changes (the trainer donates it);
 - `frozen`: `{network: nnx.State}` of earlier stages' networks, read only;
 - `batch`: `{"image": (b, *spatial, 1) in [0, 1], "labels": (b, *spatial) int}` (labels absent
   in label-free runs) plus `"pair_image"` for registration;
 - `key`: this step's key (the trainer folds the step number into the run's key).
 With `ctx.patch_shape` set, every network but the mask generator and its critic sees random
 patches instead of the whole grid (`acis_jax.data.patches`).
-Graph definitions and hyper-parameters live in `ctx` (static). Every example gets
+Graph definitions (in the generation chain, `ctx.chain`) and hyper-parameters live in
+`ctx` (static). Every example gets
 its own key from `split(key, batch)`, so a batch split over devices computes
 exactly what one device would.
 """
@@ -29,40 +30,39 @@ from acis_jax.data.patches import random_crops
 from acis_jax.pseudomask import PseudoMaskParams, pseudo_mask
 from acis_jax.spatial import appearance_uncertainty, folding_fraction, label_consistency, warp
 from acis_jax.train import losses
+from acis_jax.train.generation import Chain
+from acis_jax.train.state import TrainState, apply_update
 
 
 @dataclasses.dataclass(frozen=True)
 class StepContext:
   """What a step needs besides arrays: graph definitions, optimizers, settings."""
 
-  graphdefs: dict[str, nnx.GraphDef]
+  chain: Chain
+  trained: tuple[str, ...]
   optimizers: dict[str, optax.GradientTransformation]
-  num_classes: int
-  latent_dim: int
   pseudomask: PseudoMaskParams
   augment: AugmentParams
   train: Any   # config.train (loss weights, n_critic, ...)
   refine: Any  # config.refine
   patch_shape: tuple[int, ...] | None = None  # None: whole grids
 
+  @property
+  def num_classes(self) -> int:
+    return self.chain.num_classes
+
   def net(self, name: str, params) -> nnx.Module:
-    return nnx.merge(self.graphdefs[name], params)
+    return self.chain.net(name, params)
 
 
-def apply_gradients(ctx: StepContext, state: dict, name: str, grads) -> tuple[dict, jax.Array]:
+def apply_gradients(ctx: StepContext, state: TrainState, name: str, grads
+                    ) -> tuple[TrainState, jax.Array]:
   """One optimizer update of network `name`; returns the new state and the gradient norm."""
-  params = state["params"][name]
-  updates, opt_state = ctx.optimizers[name].update(grads, state["opt_state"][name], params)
-  new_state = {
-      **state,
-      "params": {**state["params"], name: optax.apply_updates(params, updates)},
-      "opt_state": {**state["opt_state"], name: opt_state},
-  }
+  params, opt_state = apply_update(state.params[name], state.opt_state[name], grads,
+                                   ctx.optimizers[name])
+  new_state = state.replace(params={**state.params, name: params},
+                            opt_state={**state.opt_state, name: opt_state})
   return new_state, optax.tree.norm(grads)
-
-
-def one_hot(ctx: StepContext, labels: jax.Array) -> jax.Array:
-  return jax.nn.one_hot(labels, ctx.num_classes, dtype=jnp.float32)
 
 
 def prepare_real(ctx: StepContext, batch: dict, key: jax.Array, with_masks: bool = True):
@@ -83,12 +83,6 @@ def prepare_real(ctx: StepContext, batch: dict, key: jax.Array, with_masks: bool
   return image, labels, masks
 
 
-def generated_masks(ctx: StepContext, frozen: dict, size: int, key: jax.Array) -> jax.Array:
-  """Pseudo-masks `(size, *spatial, 1)` from the frozen mask generator."""
-  z = jax.random.normal(key, (size, ctx.latent_dim))
-  return ctx.net("mask_generator", frozen["mask_generator"])(z)
-
-
 def patches(ctx: StepContext, key: jax.Array, *arrays):
   """The arrays cropped at the same random places (as they are without a patch shape)."""
   return random_crops(key, arrays, ctx.patch_shape)
@@ -98,16 +92,8 @@ def generated_pairs(ctx: StepContext, frozen: dict, size: int, key: jax.Array):
   """Generated pseudo-masks (patches of them, with a patch shape) and hard labels (None when
   label-free) from the stage-1 generators."""
   mask_key, patch_key = jax.random.split(key)
-  masks, = patches(ctx, patch_key, generated_masks(ctx, frozen, size, mask_key))
-  if not ctx.num_classes:
-    return masks, None
-  logits = ctx.net("annotation_generator", frozen["annotation_generator"])(masks)
-  return masks, jnp.argmax(logits, axis=-1)
-
-
-def _condition(ctx: StepContext, masks, labels):
-  """What the image generator and discriminator see beside the image."""
-  return masks if labels is None else jnp.concatenate([masks, one_hot(ctx, labels)], axis=-1)
+  masks, = patches(ctx, patch_key, ctx.chain.masks(frozen, mask_key, size))
+  return masks, ctx.chain.labels(frozen, masks)
 
 
 def make_masks_step(ctx: StepContext) -> Callable:
@@ -118,45 +104,45 @@ def make_masks_step(ctx: StepContext) -> Callable:
     del frozen
     prep_key, z_key, gp_key, drop_key, patch_key = jax.random.split(key, 5)
     image, labels, masks = prepare_real(ctx, batch, prep_key)
-    z = jax.random.normal(z_key, (image.shape[0], ctx.latent_dim))
+    z = jax.random.normal(z_key, (image.shape[0], ctx.chain.latent_dim))
 
     def critic_loss(params):
       critic = ctx.net("mask_critic", params)
-      fake = ctx.net("mask_generator", state["params"]["mask_generator"])(z)
+      fake = ctx.net("mask_generator", state.params["mask_generator"])(z)
       return losses.wgan_gp_critic_loss(critic, masks, jax.lax.stop_gradient(fake), gp_key,
                                         train.gradient_penalty)
 
-    critic_value, grads = jax.value_and_grad(critic_loss)(state["params"]["mask_critic"])
+    critic_value, grads = jax.value_and_grad(critic_loss)(state.params["mask_critic"])
     state, critic_norm = apply_gradients(ctx, state, "mask_critic", grads)
 
     def generator_loss(params):
       fake = ctx.net("mask_generator", params)(z)
-      return losses.wgan_generator_loss(ctx.net("mask_critic", state["params"]["mask_critic"])(fake))
+      return losses.wgan_generator_loss(ctx.net("mask_critic", state.params["mask_critic"])(fake))
 
     # The generator moves once per `n_critic` critic updates (WGAN-GP's schedule). Both
     # outcomes are computed and one is kept: on XLA:CPU a lax.cond here cost 6x the step.
     generator_value, grads = jax.value_and_grad(generator_loss)(
-        state["params"]["mask_generator"])
+        state.params["mask_generator"])
     updated, generator_norm = apply_gradients(ctx, state, "mask_generator", grads)
-    move = state["extras"]["step"] % train.n_critic == 0
+    move = state.step % train.n_critic == 0
     state = jax.tree.map(lambda new, old: jnp.where(move, new, old), updated, state)
     metrics = {"critic_loss": critic_value, "mask_generator_loss": generator_value,
                "critic_grad_norm": critic_norm, "mask_generator_grad_norm": generator_norm}
 
     if ctx.num_classes:
       masks, labels = patches(ctx, patch_key, masks, labels)
-      real_pair = _condition(ctx, masks, labels)
+      real_pair = ctx.chain.condition(masks, labels)
 
       def annotation_loss(params):
         logits = ctx.net("annotation_generator", params)(masks, key=drop_key)
         supervised = losses.dice_ce_loss(logits, labels, ctx.num_classes)
         fake_pair = jnp.concatenate([masks, jax.nn.softmax(logits)], axis=-1)
-        disc = ctx.net("label_discriminator", state["params"]["label_discriminator"])
+        disc = ctx.net("label_discriminator", state.params["label_discriminator"])
         adversarial = losses.lsgan_generator_loss(disc(fake_pair))
         return supervised + train.adversarial_weight * adversarial, (logits, supervised)
 
       (_, (logits, supervised)), grads = jax.value_and_grad(annotation_loss, has_aux=True)(
-          state["params"]["annotation_generator"])
+          state.params["annotation_generator"])
       state, _ = apply_gradients(ctx, state, "annotation_generator", grads)
       fake_pair = jnp.concatenate([masks, jax.nn.softmax(jax.lax.stop_gradient(logits))], -1)
 
@@ -165,10 +151,10 @@ def make_masks_step(ctx: StepContext) -> Callable:
         return losses.lsgan_discriminator_loss(disc(real_pair), disc(fake_pair))
 
       disc_value, grads = jax.value_and_grad(discriminator_loss)(
-          state["params"]["label_discriminator"])
+          state.params["label_discriminator"])
       state, _ = apply_gradients(ctx, state, "label_discriminator", grads)
       metrics |= {"annotation_loss": supervised, "label_discriminator_loss": disc_value}
-    return _count(state), metrics
+    return state.next_step(), metrics
 
   return step
 
@@ -187,20 +173,19 @@ def make_images_step(ctx: StepContext, finetune: bool) -> Callable:
     prep_key, gen_key, drop_key, fake_drop_key, patch_key = jax.random.split(key, 5)
     image, labels, masks = prepare_real(ctx, batch, prep_key)
     image, labels, masks = patches(ctx, patch_key, image, labels, masks)
-    real_condition = _condition(ctx, masks, labels)
+    real_condition = ctx.chain.condition(masks, labels)
     if finetune:
-      fake_condition = _condition(ctx, *generated_pairs(ctx, frozen, image.shape[0], gen_key))
+      fake_condition = ctx.chain.condition(*generated_pairs(ctx, frozen, image.shape[0], gen_key))
     else:
       fake_condition = real_condition
 
     def generate(params, condition, key):
-      labels_in = None if not ctx.num_classes else condition[..., 1:]
-      return ctx.net("image_generator", params)(condition[..., :1], labels_in, key=key)
+      return ctx.chain.image({"image_generator": params}, condition, key)
 
     def generator_loss(params):
       reconstruction = generate(params, real_condition, drop_key)
       fake = reconstruction if not finetune else generate(params, fake_condition, fake_drop_key)
-      disc = ctx.net("image_discriminator", state["params"]["image_discriminator"])
+      disc = ctx.net("image_discriminator", state.params["image_discriminator"])
       adversarial = losses.lsgan_generator_loss(
           disc(jnp.concatenate([fake, fake_condition], axis=-1)))
       mse = losses.mse(reconstruction, image)
@@ -208,7 +193,7 @@ def make_images_step(ctx: StepContext, finetune: bool) -> Callable:
           fake, mse, adversarial)
 
     (_, (fake, mse, adversarial)), grads = jax.value_and_grad(generator_loss, has_aux=True)(
-        state["params"]["image_generator"])
+        state.params["image_generator"])
     state, generator_norm = apply_gradients(ctx, state, "image_generator", grads)
     fake_input = jnp.concatenate([jax.lax.stop_gradient(fake), fake_condition], axis=-1)
     real_input = jnp.concatenate([image, real_condition], axis=-1)
@@ -218,9 +203,9 @@ def make_images_step(ctx: StepContext, finetune: bool) -> Callable:
       return losses.lsgan_discriminator_loss(disc(real_input), disc(fake_input))
 
     disc_value, grads = jax.value_and_grad(discriminator_loss)(
-        state["params"]["image_discriminator"])
+        state.params["image_discriminator"])
     state, _ = apply_gradients(ctx, state, "image_discriminator", grads)
-    return _count(state), {"mse": mse, "adversarial": adversarial,
+    return state.next_step(), {"mse": mse, "adversarial": adversarial,
                            "discriminator_loss": disc_value, "generator_grad_norm": generator_norm}
 
   return step
@@ -244,9 +229,9 @@ def make_registration_step(ctx: StepContext) -> Callable:
       return similarity + train.smoothness_weight * smooth, (similarity, smooth, disp)
 
     (_, (similarity, smooth, disp)), grads = jax.value_and_grad(loss, has_aux=True)(
-        state["params"]["registration"])
+        state.params["registration"])
     state, norm = apply_gradients(ctx, state, "registration", grads)
-    return _count(state), {"ncc_loss": similarity, "smoothness": smooth,
+    return state.next_step(), {"ncc_loss": similarity, "smoothness": smooth,
                            "folding": jnp.mean(folding_fraction(disp)), "grad_norm": norm}
 
   return step
@@ -290,50 +275,46 @@ def make_refine_step(ctx: StepContext) -> Callable:
   registration net, with soft labels.
   """
   refine = ctx.refine
-  trained = ["image_generator"] + (["annotation_generator"] if ctx.num_classes else [])
+  trained = ctx.trained
 
   def sample_policy(params, masks, drop_key, label_key, noise_key):
     """Actions of the policy and their mean log-probability per example."""
-    image_generator = ctx.net("image_generator", params["image_generator"])
     axes = tuple(range(1, masks.ndim))
     log_prob = jnp.zeros(masks.shape[0])
     labels = None
     if ctx.num_classes:
-      logits = ctx.net("annotation_generator", params["annotation_generator"])(masks)
+      logits = ctx.chain.label_logits(params, masks)
       labels = jax.lax.stop_gradient(jax.random.categorical(label_key, logits))
       chosen = jnp.take_along_axis(jax.nn.log_softmax(logits), labels[..., None], axis=-1)
       log_prob += jnp.mean(chosen, axis=axes)
-      mean = image_generator(masks, one_hot(ctx, labels), key=drop_key)
-    else:
-      mean = image_generator(masks, key=drop_key)
+    mean = ctx.chain.image(params, ctx.chain.condition(masks, labels), drop_key)
     noise = jax.random.normal(noise_key, mean.shape)
     action = jax.lax.stop_gradient(mean + refine.sigma * noise)
     log_prob += jnp.mean(-0.5 * ((action - mean) / refine.sigma) ** 2, axis=axes)
     return action, labels, log_prob
 
   def soft_outputs(params, masks, drop_key):
-    image_generator = ctx.net("image_generator", params["image_generator"])
     if not ctx.num_classes:
-      return image_generator(masks, key=drop_key), None
-    probs = jax.nn.softmax(ctx.net("annotation_generator", params["annotation_generator"])(masks))
-    return image_generator(masks, probs, key=drop_key), probs
+      return ctx.chain.image(params, masks, drop_key), None
+    probs = jax.nn.softmax(ctx.chain.label_logits(params, masks))
+    return ctx.chain.image(params, jnp.concatenate([masks, probs], -1), drop_key), probs
 
   def step(state, frozen, batch, key):
     prep_key, gen_key, drop_key, label_key, noise_key, reward_key, patch_key = (
         jax.random.split(key, 7))
     image, labels, _ = prepare_real(ctx, batch, prep_key, with_masks=False)
-    masks = jax.lax.stop_gradient(generated_masks(ctx, frozen, image.shape[0], gen_key))
+    masks = jax.lax.stop_gradient(ctx.chain.masks(frozen, gen_key, image.shape[0]))
     # Real and generated grids cut at the same places.
     image, labels, masks = patches(ctx, patch_key, image, labels, masks)
-    params = {name: state["params"][name] for name in trained}
-    baseline = state["extras"]["baseline"]
+    params = {name: state.params[name] for name in trained}
+    baseline = state.extras["baseline"]
 
     if refine.mode == "policy_gradient":
       action, action_labels, _ = sample_policy(params, masks, drop_key, label_key, noise_key)
       outcome = registration_reward(ctx, frozen, image, labels, action, action_labels,
                                     reward_key)
       # The first step has no history: start the baseline at the batch mean.
-      baseline = jnp.where(state["extras"]["step"] == 0, jnp.mean(outcome[0]), baseline)
+      baseline = jnp.where(state.step == 0, jnp.mean(outcome[0]), baseline)
       advantage = jax.lax.stop_gradient(outcome[0] - baseline)
 
       def loss(params):
@@ -353,15 +334,11 @@ def make_refine_step(ctx: StepContext) -> Callable:
     for name in trained:
       state, norms[name] = apply_gradients(ctx, state, name, grads[name])
     mean_reward = jnp.mean(reward)
-    state = {**state, "extras": {**state["extras"], "baseline": (
-        refine.baseline_decay * baseline + (1 - refine.baseline_decay) * mean_reward)}}
+    state = state.replace(extras={**state.extras, "baseline": (
+        refine.baseline_decay * baseline + (1 - refine.baseline_decay) * mean_reward)})
     metrics = {"loss": value, "reward": mean_reward, "baseline": baseline,
                "uncertainty": jnp.mean(uncertainty), "label_dice": jnp.mean(dice),
                "grad_norm": optax.tree.norm(list(norms.values()))}
-    return _count(state), metrics
+    return state.next_step(), metrics
 
   return step
-
-
-def _count(state: dict) -> dict:
-  return {**state, "extras": {**state["extras"], "step": state["extras"]["step"] + 1}}

@@ -12,6 +12,7 @@ from scipy.spatial import cKDTree
 from acis_jax.data.phantom import chest_phantom
 from acis_jax.data.preprocess import window_hu
 from acis_jax.pseudomask import PseudoMaskParams, pseudo_mask
+from acis_jax.pseudomask.pipeline import warn_if_no_edges
 
 PARAMS = PseudoMaskParams(num_edge_points=256, num_seeds=128, bandwidth=3.0)
 
@@ -73,14 +74,15 @@ def test_vmap_over_images_and_keys_matches_single_calls():
 @pytest.mark.parametrize("fill", [0.0, 0.5])
 def test_image_without_edges_falls_back_to_uniform_density(fill, caplog):
   image = np.full((48, 48), fill, np.float32)
+  result = jax.block_until_ready(pseudo_mask(jax.random.key(0), image, PARAMS))
   with caplog.at_level(logging.WARNING):
-    result = jax.block_until_ready(pseudo_mask(jax.random.key(0), image, PARAMS))
+    assert warn_if_no_edges(result, "flat.nii.gz")
   assert not np.asarray(result.edges).any()
   density = np.asarray(result.density)
   # All air (0.0) has no body: the whole image is the support; 0.5 is all body.
   np.testing.assert_array_equal(density, np.ones_like(density))
   assert np.all(np.isfinite(np.asarray(result.mask)))
-  assert "no Canny edges" in caplog.text
+  assert "flat.nii.gz: the image has no Canny edges" in caplog.text
 
 
 def test_more_seeds_than_voxels_is_refused():

@@ -20,7 +20,10 @@ import optax
 
 from acis_jax.config_utils import load_config_file
 from acis_jax.train import parallel, trainer
+from acis_jax.train.networks import load_network
 from acis_jax.train.stage_checkpoints import StageCheckpoints
+from acis_jax.train.stages import stages
+from acis_jax.workdir import Workdir
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STOPPED = 3  # exit code after --stop_after
@@ -43,8 +46,8 @@ def run_config(steps: int, batch_size: int = 4):
 
 def exported_networks(workdir: str, config) -> dict[str, np.ndarray]:
   """The networks the `masks` stage exported, as host arrays by key path."""
-  params = {name: trainer.load_network(workdir, "masks", name, config)
-            for name in trainer.stages(config)[0].trained}
+  params = {name: load_network(Workdir(workdir), "masks", name, config)
+            for name in stages(config)[0].trained}
   return {jax.tree_util.keystr(path): np.asarray(jax.device_get(leaf))
           for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
 
@@ -92,7 +95,7 @@ def main() -> int:
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.train.batch_size, mesh)
   try:
-    trainer.run_stage(trainer.stages(config)[0], 0, config, args.workdir,
+    trainer.run_stage(stages(config)[0], config, Workdir(args.workdir),
                       trainer.load_training_data(config), mesh)
   except Stopped:
     return STOPPED

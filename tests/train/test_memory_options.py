@@ -20,7 +20,8 @@ from acis_jax.config_utils import load_config_file
 from acis_jax.data.phantom import chest_phantom
 from acis_jax.data.preprocess import window_hu
 from acis_jax.train.networks import NETWORKS, abstract_params, init_networks
-from acis_jax.train.trainer import initial_state, stages, step_context
+from acis_jax.train.stages import stages
+from acis_jax.train.trainer import fresh_state, step_context
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SHAPE = (32, 32)
@@ -111,7 +112,7 @@ def initial_arrays(stage_name: str):
   """
   config = tiny_config("float32", False)
   stage = _stage(config, stage_name)
-  _, state = initial_state(dataclasses.replace(stage, init_from={}), config, workdir="")
+  state = fresh_state(stage, config, step_context(config, stage))
   _, frozen = init_networks(tuple(stage.frozen), config, config.seed)
   return state, frozen
 
@@ -120,18 +121,17 @@ def one_step(stage_name: str, dtype: str, remat: bool):
   """`(initial params, new params, metrics, step jaxpr)` of one trainer step of the stage."""
   config = tiny_config(dtype, remat)
   stage = _stage(config, stage_name)
-  graphdefs = {n: abstract_params(n, config)[0] for n in (*stage.trained, *stage.frozen)}
   # Plain SGD: Adam's first step is lr * sign(gradient), which would blow float noise in
   # near-zero gradients up to full-size differences between the settings compared.
-  ctx = dataclasses.replace(step_context(config, graphdefs, stage),
+  ctx = dataclasses.replace(step_context(config, stage),
                             optimizers={n: optax.sgd(1e-2) for n in stage.trained})
   state, frozen = initial_arrays(stage_name)
-  state = {**state, "opt_state": {n: ctx.optimizers[n].init(state["params"][n])
-                                  for n in stage.trained}}
+  state = state.replace(opt_state={n: ctx.optimizers[n].init(state.params[n])
+                                   for n in stage.trained})
   args = (state, frozen, phantom_batch(), jax.random.key(7, impl="rbg"))
   traced = jax.jit(stage.phases[0][1](ctx)).trace(*args)
   new_state, metrics = traced.lower().compile()(*args)
-  return (jax.device_get(state["params"]), jax.device_get(new_state["params"]),
+  return (jax.device_get(state.params), jax.device_get(new_state.params),
           {k: float(v) for k, v in metrics.items()}, traced.jaxpr.jaxpr)
 
 

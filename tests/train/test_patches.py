@@ -11,8 +11,9 @@ import pytest
 
 from acis_jax.config_utils import load_config_file
 from acis_jax.data.patches import check_patch_shape, random_crops, random_origins
-from acis_jax.train.networks import abstract_params, init_networks
-from acis_jax.train.trainer import initial_state, stages, step_context
+from acis_jax.train.networks import init_networks
+from acis_jax.train.stages import stages
+from acis_jax.train.trainer import fresh_state, step_context
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GRID = (32, 32)
@@ -82,11 +83,10 @@ def conv_input_sizes(jaxpr) -> set[tuple[int, ...]]:
 def step_jaxpr(config, stage_name: str, phase: int):
   """The jaxpr of one trainer step of a stage, traced from shapes alone (nothing compiled)."""
   stage = next(s for s in stages(config) if s.name == stage_name)
-  graphdefs = {n: abstract_params(n, config)[0] for n in (*stage.trained, *stage.frozen)}
-  ctx = step_context(config, graphdefs, stage)
+  ctx = step_context(config, stage)
 
   def arrays():
-    _, state = initial_state(dataclasses.replace(stage, init_from={}), config, workdir="")
+    state = fresh_state(stage, config, step_context(config, stage))
     return state, init_networks(tuple(stage.frozen), config, config.seed)[1]
 
   state, frozen = jax.eval_shape(arrays)

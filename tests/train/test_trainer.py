@@ -11,8 +11,10 @@ import pytest
 from acis_jax.config_utils import load_config_file
 from acis_jax.train import parallel
 from acis_jax.train.stage_checkpoints import StageCheckpoints
-from acis_jax.train.trainer import (fingerprint, initial_state, load_training_data, run_stage,
-                                    sample_batch, stages)
+from acis_jax.train.stages import stages
+from acis_jax.train.trainer import (fresh_state, load_training_data, run_stage, sample_batch,
+                                    step_context)
+from acis_jax.workdir import Workdir
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -27,12 +29,12 @@ def test_one_step_on_8_devices_equals_the_same_batch_on_1(tmp_path):
   config.train.batch_size = 8
   stage = stages(config)[0]  # masks: pseudo-masks, augmentation and four networks
   data = load_training_data(config)
-  ctx, state = initial_state(stage, config, str(tmp_path))
   # Plain SGD: Adam's first step is lr * sign(gradient), which turns float noise in
   # near-zero gradients into full-size differences and would hide what is compared.
-  ctx = dataclasses.replace(ctx, optimizers={n: optax.sgd(1e-2) for n in stage.trained})
-  state["opt_state"] = {n: ctx.optimizers[n].init(state["params"][n]) for n in stage.trained}
-  batch = sample_batch(data, config, 0, 0, stage.pairs)
+  ctx = dataclasses.replace(step_context(config, stage),
+                            optimizers={n: optax.sgd(1e-2) for n in stage.trained})
+  state = fresh_state(stage, config, ctx)
+  batch = sample_batch(data, config, stage.name, 0, stage.pairs)
   step = stage.phases[0][1](ctx)
   key = jax.random.key(3)
   results = []
@@ -41,11 +43,11 @@ def test_one_step_on_8_devices_equals_the_same_batch_on_1(tmp_path):
     run = jax.jit(step, out_shardings=parallel.replicated(mesh))
     new_state, metrics = run(parallel.replicate(state, mesh), {},
                              parallel.shard_batch(batch, mesh), key)
-    results.append(jax.device_get((new_state["params"], metrics)))
+    results.append(jax.device_get((new_state.params, metrics)))
   (params_1, metrics_1), (params_8, metrics_8) = results
   for name in stage.trained:
     changed = jax.tree.leaves(jax.tree.map(lambda a, b: np.abs(a - b).max(),
-                                           state["params"][name], params_1[name]))
+                                           state.params[name], params_1[name]))
     assert max(changed) > 0, f"{name} was not updated"
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                params_1, params_8)
@@ -60,7 +62,7 @@ def registration_run(workdir, **train):
   stage = stages(config)[2]
   assert stage.name == "registration"
   mesh = parallel.make_mesh(jax.devices()[:1])
-  run_stage(stage, 2, config, str(workdir), load_training_data(config), mesh)
+  run_stage(stage, config, Workdir(str(workdir)), load_training_data(config), mesh)
   return config, stage
 
 
@@ -70,22 +72,38 @@ def test_a_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
   os.remove(tmp_path / "networks" / "registration" / "DONE")
   with pytest.raises(FloatingPointError, match="stage 'registration', step 3: non-finite"):
     registration_run(tmp_path, registration_steps=4, registration_learning_rate=float("nan"))
-  checkpoints = StageCheckpoints(str(tmp_path / "checkpoints" / "registration"),
-                                 fingerprint(config))
+  checkpoints = StageCheckpoints(str(tmp_path / "checkpoints" / "registration"))
   assert checkpoints.latest_step() == 2
-  _, state = initial_state(stage, config, str(tmp_path))
-  restored = checkpoints.restore(2, state)
-  assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(restored["params"]))
+  abstract = jax.eval_shape(lambda: fresh_state(stage, config, step_context(config, stage)))
+  step, restored = checkpoints.restore_latest(abstract, stage.total_steps)
+  assert step == 2
+  assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(restored.params))
 
 
-def test_checkpoints_of_another_config_are_refused(tmp_path):
-  registration_run(tmp_path, registration_steps=1)
+def test_a_corrupt_latest_checkpoint_resumes_from_the_previous_one(tmp_path):
+  config, stage = registration_run(tmp_path, registration_steps=3)
   os.remove(tmp_path / "networks" / "registration" / "DONE")
-  config = smoke_config()
-  config.model.registration_features = (8, 8, 16)
-  with pytest.raises(ValueError, match="holds checkpoints of another configuration"):
-    run_stage(stages(config)[2], 2, config, str(tmp_path), load_training_data(config),
-              parallel.make_mesh(jax.devices()[:1]))
+  # keep_checkpoints=2: steps 2 and 3 are kept; wreck every file of step 3.
+  latest = tmp_path / "checkpoints" / "registration" / "3"
+  for path in latest.rglob("*"):
+    if path.is_file():
+      path.write_bytes(b"not a checkpoint")
+  checkpoints = StageCheckpoints(str(tmp_path / "checkpoints" / "registration"))
+  abstract = jax.eval_shape(lambda: fresh_state(stage, config, step_context(config, stage)))
+  step, restored = checkpoints.restore_latest(abstract, stage.total_steps)
+  assert step == 2
+  expected = checkpoints.restore(2, abstract)
+  jax.tree.map(np.testing.assert_array_equal, restored.params, expected.params)
+  checkpoints.close()
+  # And the stage itself goes on from there to the end.
+  registration_run(tmp_path, registration_steps=3)
+  assert (tmp_path / "networks" / "registration" / "DONE").exists()
+  assert (tmp_path / "checkpoints" / "registration" / "3.unreadable").is_dir()
+
+
+def test_keeping_fewer_than_two_checkpoints_is_refused(tmp_path):
+  with pytest.raises(ValueError, match="keep_checkpoints=1: keep at least 2"):
+    StageCheckpoints(str(tmp_path), keep=1)
 
 
 def test_batch_size_must_split_over_the_devices():

@@ -1,0 +1,239 @@
+"""The work directory of a run: its layout, its lock, its fingerprint, atomic writes.
+
+Every file a run reads or writes under `--workdir` is named here and nowhere else:
+
+  WORKDIR/
+    .lock                          held (flock) by the one process that may write here
+    fingerprint.json               what makes the run (data digest, shapes, widths, seed, steps)
+    config.json                    the whole config of the last run allowed to go on
+    metrics.jsonl                  one JSON object per logged step
+    checkpoints/<stage>/<step>/    orbax checkpoints of a stage in progress
+    networks/<stage>/<network>/    a finished stage's networks (orbax)
+    networks/<stage>/DONE          written last: the stage is finished
+    networks/grid.json             the grid synthetic volumes are written on
+    synthetic/, synthetic_unrefined/   synthesized pairs (ACIS, ACIS-), swapped in whole
+    synth_n<N>/                    the evaluation's synthesizer trained on N cases (a workdir)
+    eval/                          the evaluation's results
+    pseudomask/                    the pseudomask mode's maps and figures
+
+A run first takes the lock, then compares its fingerprint with the stored one: a work
+directory that holds a run of other data, shapes, widths, seed or step counts is refused,
+listing the differing fields, before anything in it is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import fcntl
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Iterator
+
+LOCK_FILE = ".lock"
+FINGERPRINT_FILE = "fingerprint.json"
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+GRID_FILE = "grid.json"
+DONE_FILE = "DONE"
+# Synthetic folders by arm: the refined generators (ACIS) and those before refinement (ACIS-).
+SYNTHETIC_FOLDERS = {"acis": "synthetic", "acis-": "synthetic_unrefined"}
+
+
+def write_json_atomically(path: str | os.PathLike, value: Any) -> None:
+  """Writes `value` as JSON to `path` through a temporary file renamed into place (mode 0644)."""
+  path = os.fspath(path)
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".json.tmp")
+  try:
+    with os.fdopen(fd, "w") as f:
+      json.dump(value, f, indent=2, sort_keys=True)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(tmp)
+    raise
+
+
+def read_json(path: str | os.PathLike) -> Any:
+  with open(path) as f:
+    return json.load(f)
+
+
+class WorkdirLocked(RuntimeError):
+  """Another live process holds the work directory."""
+
+
+class FingerprintMismatch(ValueError):
+  """The work directory holds a run that differs from this one."""
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+  """`{"a.b": leaf}` of nested dicts, so that differences name the exact field."""
+  if isinstance(tree, dict):
+    out = {}
+    for key, value in tree.items():
+      out.update(_flatten(value, f"{prefix}{key}."))
+    return out
+  return {prefix[:-1]: tree}
+
+
+def fingerprint_differences(stored: dict, current: dict) -> list[str]:
+  """`field: stored X, this run Y` for every field where two fingerprints differ."""
+  stored, current = _flatten(stored), _flatten(json.loads(json.dumps(current)))
+  return [f"{k}: work directory {stored.get(k)!r}, this run {current.get(k)!r}"
+          for k in sorted(set(stored) | set(current)) if stored.get(k) != current.get(k)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Workdir:
+  """Paths of one work directory (nothing is created by asking for a path)."""
+
+  root: str
+
+  def __post_init__(self):
+    object.__setattr__(self, "root", os.path.abspath(os.fspath(self.root)))
+
+  def path(self, *parts: str) -> str:
+    return os.path.join(self.root, *parts)
+
+  # Training.
+  def checkpoints(self, stage: str) -> str:
+    return self.path("checkpoints", stage)
+
+  def network(self, stage: str, network: str) -> str:
+    return self.path("networks", stage, network)
+
+  def done_marker(self, stage: str) -> str:
+    return self.path("networks", stage, DONE_FILE)
+
+  def stage_done(self, stage: str) -> bool:
+    return os.path.exists(self.done_marker(stage))
+
+  def mark_done(self, stage: str, steps: int) -> None:
+    write_json_atomically(self.done_marker(stage), {"steps": steps})
+
+  @property
+  def grid(self) -> str:
+    return self.path("networks", GRID_FILE)
+
+  def read_grid(self) -> dict:
+    if not os.path.exists(self.grid):
+      raise FileNotFoundError(f"{self.grid} is missing: train the networks first (mode=train)")
+    return read_json(self.grid)
+
+  @property
+  def config(self) -> str:
+    return self.path(CONFIG_FILE)
+
+  @property
+  def metrics(self) -> str:
+    return self.path(METRICS_FILE)
+
+  @property
+  def fingerprint(self) -> str:
+    return self.path(FINGERPRINT_FILE)
+
+  # Outputs.
+  def synthetic(self, arm: str = "acis") -> str:
+    return self.path(SYNTHETIC_FOLDERS[arm])
+
+  def synthesizer(self, n: int) -> "Workdir":
+    """The work directory of the evaluation's synthesizer trained on `n` real cases."""
+    return Workdir(self.path(f"synth_n{n}"))
+
+  @property
+  def eval(self) -> str:
+    return self.path("eval")
+
+  @property
+  def pseudomask(self) -> str:
+    return self.path("pseudomask")
+
+  # A run's claim on the directory.
+  @contextlib.contextmanager
+  def lock(self) -> Iterator[None]:
+    """Holds the directory's exclusive lock; a second process is refused at once.
+
+    The lock is an `flock` on WORKDIR/.lock, which the kernel releases when its holder dies,
+    so a lock left by a killed process is simply taken over.
+    """
+    os.makedirs(self.root, exist_ok=True)
+    path = self.path(LOCK_FILE)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except OSError as error:
+        if error.errno not in (errno.EAGAIN, errno.EACCES):
+          raise
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+        raise WorkdirLocked(
+            f"{self.root} is in use by another run (pid {holder}); wait for it to finish or "
+            "use another --workdir") from None
+      os.ftruncate(fd, 0)
+      os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+      yield
+    finally:
+      os.close(fd)  # closing releases the flock
+
+  def check_fingerprint(self, fingerprint: dict, fields: tuple[str, ...] | None = None) -> None:
+    """Refuses (FingerprintMismatch) a run whose fingerprint differs from the stored one.
+
+    `fields`: compare only these top-level fields (e.g. a job that does not load the data).
+    Nothing is written.
+    """
+    if not os.path.exists(self.fingerprint):
+      return
+    stored = read_json(self.fingerprint)
+    if fields is not None:
+      stored = {k: v for k, v in stored.items() if k in fields}
+      fingerprint = {k: v for k, v in fingerprint.items() if k in fields}
+    differences = fingerprint_differences(stored, fingerprint)
+    if differences:
+      raise FingerprintMismatch(
+          f"{self.root} holds a run of another configuration; use another --workdir, or the "
+          "settings it was made with:\n  " + "\n  ".join(differences))
+
+  def claim(self, fingerprint: dict, config_json: dict, grid: dict) -> None:
+    """Checks the fingerprint, then records the run: fingerprint, config and grid."""
+    self.check_fingerprint(fingerprint)
+    os.makedirs(self.path("networks"), exist_ok=True)
+    write_json_atomically(self.fingerprint, json.loads(json.dumps(fingerprint)))
+    write_json_atomically(self.config, config_json)
+    write_json_atomically(self.grid, grid)
+
+  def require_trained(self, fields: dict) -> None:
+    """A job that reads trained networks: they exist, and were made with these settings."""
+    if not os.path.exists(self.fingerprint):
+      raise FileNotFoundError(f"{self.fingerprint} is missing: {self.root} holds no trained "
+                              "run (mode=train first)")
+    self.check_fingerprint(fields, fields=tuple(fields))
+
+
+@contextlib.contextmanager
+def replaced_folder(final: str) -> Iterator[str]:
+  """A fresh temporary folder beside `final` that replaces `final` whole on success.
+
+  On an error the temporary folder is removed and `final` is left as it was, so `final`
+  never mixes the files of two runs.
+  """
+  parent = os.path.dirname(os.path.abspath(final))
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(final)}.tmp-")
+  try:
+    yield tmp
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  os.chmod(tmp, 0o755)
+  old = None
+  if os.path.exists(final):
+    old = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(final)}.old-")
+    os.rename(final, os.path.join(old, "previous"))
+  os.rename(tmp, final)
+  if old:
+    shutil.rmtree(old, ignore_errors=True)
