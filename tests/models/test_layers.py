@@ -74,3 +74,53 @@ def test_bfloat16_compute_keeps_float32_params(rngs):
   y = block(jnp.ones((1, 4, 4, 4, 2)))
   assert y.dtype == jnp.bfloat16
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(block, nnx.Param)))
+
+
+# The CPU path for 3-D convolutions (depth taps folded into channels, one 2-D convolution)
+# against XLA's own 3-D convolution: values and gradients w.r.t. input and kernel.
+@pytest.mark.parametrize("kernel,stride,padding,depth", [
+    (3, 1, "SAME", 8), (4, 2, ((1, 1),) * 3, 8), (1, 1, "SAME", 5), (3, 1, "VALID", 7),
+    (3, 2, "SAME", 9)])
+def test_depth_folded_conv_matches_lax(kernel, stride, padding, depth):
+  from acis_jax.models.layers import _depth_folded_conv
+  k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(k1, (2, depth, 6, 10, 3))
+  w = jax.random.normal(k2, (kernel,) * 3 + (3, 5))
+  dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NDHWC", "DHWIO", "NDHWC"))
+
+  def reference(x, w):
+    return jax.lax.conv_general_dilated(x, w, (stride,) * 3, padding, dimension_numbers=dn,
+                                        precision="highest")
+
+  def folded(x, w):
+    return _depth_folded_conv(x, w, (stride,) * 3, padding, dimension_numbers=dn,
+                              precision="highest")
+
+  want, got = reference(x, w), folded(x, w)
+  assert got.shape == want.shape
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+  cotangent = jax.random.normal(k3, want.shape)
+  grads = [jax.grad(lambda x, w, f=f: jnp.sum(f(x, w) * cotangent), argnums=(0, 1))(x, w)
+           for f in (reference, folded)]
+  for want_g, got_g in zip(*grads):
+    np.testing.assert_allclose(got_g, want_g, rtol=1e-5, atol=1e-4)
+
+
+def test_conv_layers_take_the_folded_path_on_cpu_only(monkeypatch):
+  """The layers' conv routes plain 3-D convolutions through the folded path on CPU."""
+  from acis_jax.models import layers
+  calls = []
+  original = layers._depth_folded_conv
+  monkeypatch.setattr(layers, "_depth_folded_conv",
+                      lambda *a, **k: calls.append(1) or original(*a, **k))
+  x = jax.random.normal(jax.random.key(1), (1, 4, 4, 4, 2))
+  block = ConvBlock(2, 3, 3, norm="none", rngs=nnx.Rngs(0))
+  out = block(x)
+  assert len(calls) == (1 if jax.default_backend() == "cpu" else 0)
+  want = jax.nn.leaky_relu(jax.lax.conv_general_dilated(
+      x, block.conv.kernel[...], (1, 1, 1), "SAME",
+      dimension_numbers=("NDHWC", "DHWIO", "NDHWC")) + block.conv.bias[...], 0.2)
+  np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+  block2d = ConvBlock(2, 3, 2, norm="none", rngs=nnx.Rngs(0))
+  block2d(x[:, 0])
+  assert len(calls) == (1 if jax.default_backend() == "cpu" else 0)
