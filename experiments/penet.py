@@ -12,8 +12,6 @@ built-in sample chest CT. Expected: the four stages, then 16 synthetic 256x256 s
 runs/penet/synthetic/imagesTr and a contact sheet; GPU-sized (not timed on CPU).
 """
 
-from absl import logging
-
 from acis_jax.defaults import base_config
 
 
@@ -29,6 +27,4 @@ def get_config(arg=None):
   config.pseudomask.num_seeds = 2048
   config.train.batch_size = 8
   config.synthesize.unrefined = True
-  if not config.data.data_dir:
-    logging.info("penet.py: no data_dir given, using slices of the built-in sample chest CT")
   return config

@@ -1,9 +1,13 @@
 """Experiment files load as `--config=FILE:ARG` would, and refuse presets they do not know."""
+import ast
 import pathlib
 
+from absl import flags
+from ml_collections import config_flags
 import pytest
 
 from acis_jax.config_utils import load_config_file, parse_presets
+from acis_jax.data.sources import load_examples
 
 EXPERIMENTS = pathlib.Path(__file__).resolve().parents[1] / "experiments"
 
@@ -15,7 +19,7 @@ def test_presets_split_on_commas():
     parse_presets("a,c", ("a", "b"))
 
 
-@pytest.mark.parametrize("name", ["demo", "fewshot_ct2d", "smoke"])
+@pytest.mark.parametrize("name", ["demo", "fewshot_ct2d", "smoke", "tlobes"])
 def test_experiments_refuse_unknown_presets(name):
   with pytest.raises(ValueError, match="unknown presets"):
     load_config_file(str(EXPERIMENTS / f"{name}.py"), "no-such-preset")
@@ -29,3 +33,50 @@ def test_a_preset_changes_the_config():
 def test_a_missing_file_is_named():
   with pytest.raises(FileNotFoundError, match="nothing_here.py"):
     load_config_file(str(EXPERIMENTS / "nothing_here.py"))
+
+
+def parsed_config(argv: list[str]):
+  """The config that `python -m acis_jax.main` would get from `argv`, through absl's parser."""
+  argv = ["main", *argv]
+  flag_values = flags.FlagValues()
+  holder = config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values,
+                                           lock_config=True, sys_argv=argv)
+  flag_values(argv)
+  return holder.value
+
+
+def test_command_line_data_dir_keeps_the_configs_class_count(tmp_path):
+  tlobes = str(EXPERIMENTS / "tlobes.py")
+  config = parsed_config([f"--config={tlobes}", f"--config.data.data_dir={tmp_path}"])
+  assert (config.data.data_dir, config.data.num_classes) == (str(tmp_path), 7)
+  config = parsed_config([f"--config={tlobes}:sample"])
+  assert (config.data.sample, config.data.num_classes) == ("chest", 5)
+
+
+def test_tlobes_without_data_is_refused_before_any_work():
+  config = load_config_file(str(EXPERIMENTS / "tlobes.py"))
+  with pytest.raises(ValueError, match="data_dir and data.sample are both empty"):
+    load_examples(config.data)
+
+
+def config_fields_read(tree: ast.AST) -> list[str]:
+  """The `config.…` attributes that an if statement or expression of `tree` tests."""
+  read = []
+  for node in ast.walk(tree):
+    if isinstance(node, (ast.If, ast.IfExp)):
+      attributes = [a for a in ast.walk(node.test) if isinstance(a, ast.Attribute)]
+      inner = {id(a.value) for a in attributes}  # `config.data` inside `config.data.data_dir`
+      read += [ast.unparse(a) for a in attributes
+               if id(a) not in inner and ast.unparse(a).startswith("config.")]
+  return read
+
+
+@pytest.mark.parametrize("path", sorted(EXPERIMENTS.glob("*.py")), ids=lambda p: p.stem)
+def test_experiments_branch_only_on_their_presets(path):
+  """A branch on a field would be decided before the command line sets it."""
+  assert config_fields_read(ast.parse(path.read_text())) == []
+
+
+def test_the_branch_finder_sees_a_branch_on_a_field():
+  source = "def get_config(arg):\n  if not config.data.data_dir:\n    config.x = 1\n"
+  assert config_fields_read(ast.parse(source)) == ["config.data.data_dir"]

@@ -8,6 +8,7 @@ axial slices of each volume; a 3-D one takes whole volumes.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from typing import Any
 
 import numpy as np
@@ -28,6 +29,15 @@ class Example:
   name: str
   image: Volume
   label: Volume | None
+
+
+def cases_digest(names: tuple[str, ...], images: np.ndarray, labels: np.ndarray | None) -> str:
+  """sha1 of stacked cases (names, images, labels): what a run trained or was tested on."""
+  sha = hashlib.sha1("\n".join(names).encode())
+  sha.update(np.ascontiguousarray(images).tobytes())
+  if labels is not None:
+    sha.update(np.ascontiguousarray(labels).tobytes())
+  return sha.hexdigest()
 
 
 def axial_slice(volume: Volume, index: int) -> Volume:
@@ -64,6 +74,10 @@ def _raw_cases(data: Any) -> list[tuple[str, Volume, Volume | None]]:
     return [("phantom", Volume(hu, affine), Volume(labels, affine))]
   elif data.sample in BUILT_IN:
     cases = [BUILT_IN[data.sample]()]
+  elif not data.sample:
+    raise ValueError("no data: data.data_dir and data.sample are both empty; pass "
+                     "--config.data.data_dir=DIR (an nnU-Net folder) or choose a data.sample "
+                     f"from {sorted(BUILT_IN) + ['phantom']}")
   else:
     raise ValueError(f"data.sample must be one of {sorted(BUILT_IN) + ['phantom']}, "
                      f"got {data.sample!r}")

@@ -54,7 +54,6 @@ its key is unchanged, so an interrupted evaluation resumes where it stopped.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import time
@@ -70,7 +69,7 @@ from flax import nnx
 from acis_jax.data.augment import AugmentParams, downstream_augment
 from acis_jax.data.nifti import load_nifti
 from acis_jax.data.preprocess import window_hu
-from acis_jax.data.sources import Example, load_examples
+from acis_jax.data.sources import Example, cases_digest, load_examples
 from acis_jax.eval import downstream, report
 from acis_jax.eval.recon_nets import ESRT, REDCNN, ResNet
 from acis_jax.eval.seg_nets import MedNeXt, SegUNet
@@ -304,10 +303,7 @@ class Cases:
   spacings: tuple[tuple[float, ...], ...] = ()  # mm per spatial axis, per case (test sets)
 
   def digest(self) -> str:
-    sha = hashlib.sha1(self.images.tobytes())
-    if self.labels is not None:
-      sha.update(self.labels.tobytes())
-    return sha.hexdigest()
+    return cases_digest(self.names, self.images, self.labels)
 
 
 def stack_cases(config, examples: list[Example]) -> Cases:

@@ -28,7 +28,8 @@ REFINE = "refine"
 class Stage:
   """One stage. `phases`: `(steps, step factory)` run one after the other; `reads`: networks
   it reads frozen; `continues`: trained networks that start from their latest earlier
-  result instead of fresh parameters; `pairs`: batches also carry a second image."""
+  result instead of fresh parameters; `pairs`: batches also carry a second image;
+  `extras`: scalars the steps carry in the state besides the networks, zero at the start."""
 
   name: str
   trained: tuple[str, ...]
@@ -36,6 +37,7 @@ class Stage:
   reads: tuple[str, ...] = ()
   continues: tuple[str, ...] = ()
   pairs: bool = False
+  extras: tuple[str, ...] = ()
   frozen: dict[str, str] = dataclasses.field(default_factory=dict)     # derived
   init_from: dict[str, str] = dataclasses.field(default_factory=dict)  # derived
 
@@ -63,7 +65,8 @@ def stages(config) -> list[Stage]:
       Stage(REFINE, ("image_generator",) + annotation,
             ((config.refine.steps, steps.make_refine_step),),
             reads=("mask_generator", "registration"),
-            continues=("image_generator",) + annotation),
+            continues=("image_generator",) + annotation,
+            extras=("baseline",)),  # the reward's running mean (steps.make_refine_step)
   ]
   derived = []
   for index, stage in enumerate(table):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import time
 from typing import Any
@@ -24,7 +23,7 @@ import optax
 
 from acis_jax.data.augment import AugmentParams
 from acis_jax.data.patches import check_patch_shape
-from acis_jax.data.sources import Example, load_examples
+from acis_jax.data.sources import Example, cases_digest, load_examples
 from acis_jax.pseudomask import PseudoMaskParams
 from acis_jax.rng import numpy_rng, step_key
 from acis_jax.train import parallel, steps
@@ -53,12 +52,7 @@ class TrainingData:
   names: tuple[str, ...]
 
   def digest(self) -> str:
-    """sha1 of the case names, images and labels: what the run was trained on."""
-    sha = hashlib.sha1("\n".join(self.names).encode())
-    sha.update(self.images.tobytes())
-    if self.labels is not None:
-      sha.update(self.labels.tobytes())
-    return sha.hexdigest()
+    return cases_digest(self.names, self.images, self.labels)
 
 
 def load_training_data(config, examples: list[Example] | None = None) -> TrainingData:
@@ -142,7 +136,7 @@ def fresh_state(stage: Stage, config, ctx: steps.StepContext,
   _, params = init_networks([n for n in stage.trained if n not in start_params], config,
                             config.seed)
   params = {n: (start_params | params)[n] for n in stage.trained}
-  extras = {"baseline": jnp.zeros((), jnp.float32)} if stage.name == REFINE else {}
+  extras = {name: jnp.zeros((), jnp.float32) for name in stage.extras}
   return TrainState.create(params, {n: ctx.optimizers[n].init(params[n]) for n in stage.trained},
                            **extras)
 
