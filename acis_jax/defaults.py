@@ -19,7 +19,10 @@ def base_config() -> ml_collections.ConfigDict:
 
   config.data = ml_collections.ConfigDict()
   config.data.data_dir = ""          # nnU-Net folder; empty = the built-in sample below
-  config.data.sample = "chest"       # "chest", "abdomen" (sample CTs) or "phantom"
+  config.data.sample = "chest"       # "chest", "lobes", "abdomen" (sample CTs; several
+                                     # joined by commas) or "phantom"
+  config.data.classes = ()           # class names to train on, in order (acis_jax.data.labels);
+                                     # () = the label ids as stored
   config.data.image_shape = (192, 192, 160)
   config.data.patch_shape = ()       # train on random patches of this shape; () = whole grid
   config.data.require_labels = True
@@ -92,6 +95,41 @@ def base_config() -> ml_collections.ConfigDict:
   return config
 
 
+# Fields with a range, and the range: `check_config` refuses a value outside it before any
+# work (a zero here used to surface as a ZeroDivisionError after the first compile).
+_AT_LEAST = {
+    "data.num_classes": 0, "data.max_cases": 0, "data.num_slices": 1,
+    "train.batch_size": 1, "train.n_critic": 1, "train.log_every": 1,
+    "train.checkpoint_every": 1, "train.keep_checkpoints": 1,
+    "train.masks_steps": 0, "train.images_steps": 0, "train.images_finetune_steps": 0,
+    "train.registration_steps": 0, "refine.steps": 0, "refine.passes": 2,
+    "synthesize.num_samples": 1, "synthesize.batch_size": 1,
+    "pseudomask.num_seeds": 1, "pseudomask.num_edge_points": 1,
+}
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Refuses values that cannot work, naming the field and what it may be.
+
+  Raises:
+    ValueError listing every bad field at once.
+  """
+  problems = []
+  for path, low in _AT_LEAST.items():
+    section, field = path.split(".")
+    value = config[section][field]
+    if not isinstance(value, int) or value < low:
+      problems.append(f"{path}={value!r} (an integer >= {low})")
+  if config.data.num_classes == 1:
+    problems.append("data.num_classes=1 (0 for images only, or the classes + the background, "
+                    ">= 2)")
+  shape = tuple(config.data.image_shape)
+  if len(shape) not in (2, 3) or not all(isinstance(s, int) and s > 0 for s in shape):
+    problems.append(f"data.image_shape={shape} (2 or 3 positive integers)")
+  if problems:
+    raise ValueError("config: " + "; ".join(problems))
+
+
 def evaluate_config() -> ml_collections.ConfigDict:
   """The `evaluate` section with the paper's settings where it gives them (sec 3.1).
 
@@ -106,6 +144,8 @@ def evaluate_config() -> ml_collections.ConfigDict:
   ev.test_band = (0.44, 0.64)       # 2-D: axial band of the test slices, disjoint from it
   ev.num_test_slices = 16           # 2-D: test slices per volume
   ev.num_test_cases = 1             # 3-D: held-out volumes (the last ones in name order)
+  ev.test_cases = ()                # held-out patients by case name (2-D and 3-D); when
+                                    # given, the split is by patient and the bands may overlap
   ev.train_synthesizer = True       # train the synthesizer per n when its folders are missing
 
   ev.segmentation = True            # needs data.num_classes >= 2
@@ -136,3 +176,72 @@ def evaluate_config() -> ml_collections.ConfigDict:
                                             "num_transformers": 1, "heads": 4,
                                             "split_size": 256})
   return ev
+
+
+def fewshot_2d_on_cpu(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The synthesizer and downstream networks of the 2-D few-shot experiments, sized for 64x64
+  slices on a 2-core CPU (experiments/fewshot_ct2d.py, fewshot_chest2d.py)."""
+  config.mode = "evaluate"
+  config.data.image_shape = (64, 64)
+  config.pseudomask.num_edge_points = 1024
+  config.pseudomask.num_seeds = 256
+  config.pseudomask.bandwidth = 2.0
+  config.model.latent_dim = 32
+  config.model.mask_generator_features = (64, 32, 16, 8)
+  config.model.critic_features = (16, 32, 64, 128)
+  config.model.annotation_features = (16, 32, 64)
+  config.model.image_features = (16, 32, 64)
+  config.model.discriminator_features = (16, 32, 64)
+  config.model.registration_features = (8, 16, 16, 16)
+  config.train.batch_size = 4
+  config.train.wgan_learning_rate = 3e-4  # as experiments/demo.py: a short run on a CPU
+  config.train.masks_steps = 800
+  config.train.images_steps = 400
+  config.train.images_finetune_steps = 100
+  config.train.registration_steps = 200
+  config.refine.steps = 60
+  config.refine.passes = 4
+  config.train.log_every = 50
+  config.train.checkpoint_every = 200
+  config.synthesize.num_samples = 32
+  config.synthesize.batch_size = 8
+  config.synthesize.unrefined = True
+
+  ev = config.evaluate
+  ev.num_train = (4, 8)
+  ev.denoise_sigmas = (0.1,)
+  ev.steps = 360
+  ev.batch_size = 4
+  ev.segmentation_learning_rate = 2e-3
+  ev.reconstruction_learning_rate = 5e-4
+  ev.nets.unet.features = (8, 16, 32, 64)
+  ev.nets.mednext.width = 8
+  ev.nets.mednext.blocks = (1,) * 9
+  ev.nets.resnet.features = 16
+  ev.nets.resnet.num_blocks = 4
+  ev.nets.redcnn.features = 16
+  ev.nets.redcnn.kernel_size = 3
+  ev.nets.esrt.features = 16
+  ev.nets.esrt.num_hpb = 1
+  ev.nets.esrt.heads = 2
+  return config
+
+
+def fewshot_smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Two steps of everything, n = 2, one seed, one net per task: a few-shot experiment's
+  plumbing in a minute or two (its table means nothing)."""
+  config.data.num_slices = 4
+  for stage in ("masks", "images", "images_finetune", "registration"):
+    config.train[f"{stage}_steps"] = 2
+  config.refine.steps = 2
+  config.train.log_every = 1
+  config.synthesize.num_samples = 4
+  ev = config.evaluate
+  ev.num_train = (2,)
+  ev.seeds = (0,)
+  ev.num_test_slices = 4
+  ev.segmentation_nets = ("unet",)
+  ev.reconstruction_nets = ("resnet",)
+  ev.superres_factors = ()
+  ev.steps = 2
+  return config

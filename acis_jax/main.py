@@ -1,16 +1,19 @@
-"""Entry point: `python -m acis_jax.main --config=experiments/NAME.py --workdir=DIR`.
+"""Entry point: `python -m acis_jax.main --config=experiments/NAME.py --workdir=DIR`, or the
+`acis-jax` command with the same flags.
 
 Any config field can be overridden on the command line, e.g.
 `--config.pseudomask.num_seeds=4096`. The config's `mode` picks the job.
 """
 
 import importlib
+import sys
 
 from absl import app, flags, logging
 import jax
 from ml_collections import config_flags
 
 from acis_jax.data.sample import cache_root
+from acis_jax.defaults import check_config
 from acis_jax.train.parallel import maybe_initialize_distributed
 from acis_jax.train.progress import show_progress_logs
 
@@ -36,11 +39,10 @@ def enable_compilation_cache(setting: str) -> None:
   """Turns on JAX's persistent compilation cache (`--compilation_cache`)."""
   if setting == "off":
     return
-  if setting == "auto":
-    if jax.config.jax_compilation_cache_dir:  # set by JAX_COMPILATION_CACHE_DIR
-      return
-    setting = str(cache_root() / "jax_compilation")
-  jax.config.update("jax_compilation_cache_dir", setting)
+  if setting != "auto":
+    jax.config.update("jax_compilation_cache_dir", setting)
+  elif not jax.config.jax_compilation_cache_dir:  # else JAX_COMPILATION_CACHE_DIR chose it
+    jax.config.update("jax_compilation_cache_dir", str(cache_root() / "jax_compilation"))
   # Small programs too: the steps of a CPU run compile in a few seconds each.
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
@@ -50,6 +52,10 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   show_progress_logs()
   config = _CONFIG.value
+  try:
+    check_config(config)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
   modes = config.mode.split(",")
   unknown = [m for m in modes if m not in JOBS]
   if unknown:
@@ -64,6 +70,29 @@ def main(argv):
     getattr(importlib.import_module(module), function)(config, _WORKDIR.value)
 
 
-if __name__ == "__main__":
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a config override that names no field said in one line (with
+  ml_collections' suggestion) instead of a traceback."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:
+    cause = e
+    while cause.args and isinstance(cause.args[0], BaseException):  # AttributeError(KeyError)
+      cause = cause.args[0]
+    detail = str(cause.args[0] if cause.args else cause)
+    name, _, suggestion = detail.partition("\n")
+    overrides = [a for a in argv[1:] if a.startswith("--config.")]
+    culprit = next((a for a in overrides if f".{name.strip(chr(39))}" in a.split("=")[0]),
+                   " ".join(overrides))
+    sys.exit(f"FATAL Flags parsing error: {culprit}: the config has no field {name}. "
+             f"{suggestion}".rstrip())
+
+
+def run() -> None:
+  """The `acis-jax` command."""
   jax.config.config_with_absl()  # JAX's own flags: --jax_platforms=cpu, --jax_debug_nans, ...
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+  run()

@@ -62,9 +62,10 @@ def pseudomask_figure(path: str, image, edges, density, mask, seeds, affine, tit
   columns = ("CT", "Canny edges", "density + seeds", "pseudo-mask")
   seeds = np.asarray(seeds)
   if image.ndim == 2:
-    rows = [("slice", [np.asarray(a).T for a in (image, edges, density, mask)],
-             float(np.linalg.norm(affine[:3, 1]) / np.linalg.norm(affine[:3, 0])),
-             seeds[:, :2])]
+    planes = [display_plane(np.asarray(a, np.float32), affine) for a in
+              (image, edges, density, mask)]
+    seed_map = to_display(_seed_volume(seeds[:, :2], image.shape)[..., None], affine)[0]
+    rows = [("slice", [p for p, _ in planes], planes[0][1], np.argwhere(seed_map[:, :, 0] > 0))]
   else:
     volumes = [to_display(np.asarray(a, np.float32), affine)[0] for a in (image, edges, density, mask)]
     spacing = to_display(np.asarray(image), affine)[1]
@@ -107,10 +108,14 @@ def _seeds_near_plane(seed_map: np.ndarray, view_index: int, centre) -> np.ndarr
   return coords
 
 
-def _axial_plane(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, float]:
-  """The central axial plane of a 3-D array (or a 2-D array as it is) and its aspect."""
+def display_plane(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, float]:
+  """The central axial plane of a 3-D array, or a 2-D axial slice (its affine's third column
+  the slice normal, as `acis_jax.data.sources.axial_slice` makes it), ready for
+  `imshow(origin="lower", aspect=...)` in the radiological convention (anterior up, the
+  patient's right on the viewer's left); and its aspect."""
   if array.ndim == 2:
-    return array.T, float(np.linalg.norm(affine[:3, 1]) / np.linalg.norm(affine[:3, 0]))
+    las, spacing = to_display(array[..., None], affine)
+    return las[:, :, 0].T, float(spacing[1] / spacing[0])
   las, spacing = to_display(array, affine)
   centre = [s // 2 for s in las.shape]
   _, plane, aspect = orthogonal_views(las, spacing, centre)[0]
@@ -122,7 +127,7 @@ def contact_sheet(path: str, samples, affine, title: str) -> None:
   has_labels = samples and samples[0][2] is not None
   columns = ["pseudo-mask"] + (["labels"] if has_labels else []) + ["image"]
   # Rows as tall as the displayed planes (plus their titles): no blank bands between them.
-  plane, aspect = _axial_plane(np.asarray(samples[0][1], np.float32), affine)
+  plane, aspect = display_plane(np.asarray(samples[0][1], np.float32), affine)
   panel_height = 3.2 * aspect * plane.shape[0] / plane.shape[1] + 0.4
   fig, axes = plt.subplots(len(samples), len(columns), figsize=(3.2 * len(columns),
                                                                  panel_height * len(samples)),
@@ -130,7 +135,7 @@ def contact_sheet(path: str, samples, affine, title: str) -> None:
   for row, (name, mask, labels, image) in zip(axes, samples):
     planes = [mask] + ([labels] if has_labels else []) + [image]
     for col, (ax, array, label) in enumerate(zip(row, planes, columns)):
-      plane, aspect = _axial_plane(np.asarray(array, np.float32), affine)
+      plane, aspect = display_plane(np.asarray(array, np.float32), affine)
       is_labels = has_labels and col == 1
       ax.imshow(plane, cmap="tab10" if is_labels else "gray", origin="lower", aspect=aspect,
                 interpolation="nearest", vmin=0, vmax=9 if is_labels else 1)

@@ -35,66 +35,23 @@ colab/03_evaluate.ipynb runs, about 90 s; its table means nothing either).
 """
 
 from acis_jax.config_utils import parse_presets
-from acis_jax.defaults import base_config
+from acis_jax.defaults import base_config, fewshot_2d_on_cpu, fewshot_smoke
 
 
 def get_config(arg=None):
   presets = parse_presets(arg, known=("measure", "smoke"))
-  config = base_config()
-  config.mode = "evaluate"
+  config = fewshot_2d_on_cpu(base_config())
   config.data.sample = "chest"
-  config.data.image_shape = (64, 64)
   config.data.num_classes = 5     # background, heart, aorta, left lung, right lung
   config.data.num_slices = 32     # the training pool (the upper-bound arm)
 
-  # The synthesizer, scaled to 64x64 slices and a CPU.
-  config.pseudomask.num_edge_points = 1024
-  config.pseudomask.num_seeds = 256
-  config.pseudomask.bandwidth = 2.0
-  config.model.latent_dim = 32
-  config.model.mask_generator_features = (64, 32, 16, 8)
-  config.model.critic_features = (16, 32, 64, 128)
-  config.model.annotation_features = (16, 32, 64)
-  config.model.image_features = (16, 32, 64)
-  config.model.discriminator_features = (16, 32, 64)
-  config.model.registration_features = (8, 16, 16, 16)
-  config.train.batch_size = 4
-  config.train.wgan_learning_rate = 3e-4  # as experiments/demo.py: a short run on a CPU
-  config.train.masks_steps = 800
-  config.train.images_steps = 400
-  config.train.images_finetune_steps = 100
-  config.train.registration_steps = 200
-  config.refine.steps = 60
-  config.refine.passes = 4
-  config.train.log_every = 50
-  config.train.checkpoint_every = 200
-  config.synthesize.num_samples = 32
-  config.synthesize.batch_size = 8
-  config.synthesize.unrefined = True
-
   ev = config.evaluate
-  ev.num_train = (4, 8)
   ev.seeds = (0, 1)
   ev.train_band = (0.2, 0.42)
   ev.test_band = (0.44, 0.64)
   ev.num_test_slices = 16
-  ev.denoise_sigmas = (0.1,)
   ev.superres_factors = (2,)
-  ev.steps = 360
-  ev.batch_size = 4
-  ev.segmentation_learning_rate = 2e-3
-  ev.reconstruction_learning_rate = 5e-4
   ev.nsd_tolerance_mm = 4.0    # about one 64x64 pixel
-  ev.nets.unet.features = (8, 16, 32, 64)
-  ev.nets.mednext.width = 8
-  ev.nets.mednext.blocks = (1,) * 9
-  ev.nets.resnet.features = 16
-  ev.nets.resnet.num_blocks = 4
-  ev.nets.redcnn.features = 16
-  ev.nets.redcnn.kernel_size = 3
-  ev.nets.esrt.features = 16
-  ev.nets.esrt.num_hpb = 1
-  ev.nets.esrt.heads = 2
 
   if "measure" in presets:
     config.train.masks_steps = 20
@@ -109,17 +66,5 @@ def get_config(arg=None):
     ev.seeds = (0,)
     ev.steps = 30
   if "smoke" in presets:
-    config.data.num_slices = 4
-    for stage in ("masks", "images", "images_finetune", "registration"):
-      config.train[f"{stage}_steps"] = 2
-    config.refine.steps = 2
-    config.train.log_every = 1
-    config.synthesize.num_samples = 4
-    ev.num_train = (2,)
-    ev.seeds = (0,)
-    ev.num_test_slices = 4
-    ev.segmentation_nets = ("unet",)
-    ev.reconstruction_nets = ("resnet",)
-    ev.superres_factors = ()
-    ev.steps = 2
+    fewshot_smoke(config)
   return config

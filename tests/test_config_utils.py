@@ -1,6 +1,7 @@
 """Experiment files load as `--config=FILE:ARG` would, and refuse presets they do not know."""
 import ast
 import pathlib
+import re
 
 from absl import flags
 from ml_collections import config_flags
@@ -8,6 +9,7 @@ import pytest
 
 from acis_jax.config_utils import load_config_file, parse_presets
 from acis_jax.data.sources import load_examples
+from acis_jax.defaults import check_config
 
 EXPERIMENTS = pathlib.Path(__file__).resolve().parents[1] / "experiments"
 
@@ -19,7 +21,7 @@ def test_presets_split_on_commas():
     parse_presets("a,c", ("a", "b"))
 
 
-@pytest.mark.parametrize("name", ["demo", "fewshot_ct2d", "smoke", "tlobes"])
+@pytest.mark.parametrize("name", ["demo", "fewshot_chest2d", "fewshot_ct2d", "smoke", "tlobes"])
 def test_experiments_refuse_unknown_presets(name):
   with pytest.raises(ValueError, match="unknown presets"):
     load_config_file(str(EXPERIMENTS / f"{name}.py"), "no-such-preset")
@@ -49,12 +51,13 @@ def test_command_line_data_dir_keeps_the_configs_class_count(tmp_path):
   tlobes = str(EXPERIMENTS / "tlobes.py")
   config = parsed_config([f"--config={tlobes}", f"--config.data.data_dir={tmp_path}"])
   assert (config.data.data_dir, config.data.num_classes) == (str(tmp_path), 7)
-  config = parsed_config([f"--config={tlobes}:sample"])
-  assert (config.data.sample, config.data.num_classes) == ("chest", 5)
+  config = parsed_config([f"--config={tlobes}:cpu"])
+  assert (config.data.sample, config.data.num_classes) == ("lobes", 7)
 
 
-def test_tlobes_without_data_is_refused_before_any_work():
+def test_no_data_is_refused_before_any_work():
   config = load_config_file(str(EXPERIMENTS / "tlobes.py"))
+  config.data.sample = ""
   with pytest.raises(ValueError, match="data_dir and data.sample are both empty"):
     load_examples(config.data)
 
@@ -80,3 +83,20 @@ def test_experiments_branch_only_on_their_presets(path):
 def test_the_branch_finder_sees_a_branch_on_a_field():
   source = "def get_config(arg):\n  if not config.data.data_dir:\n    config.x = 1\n"
   assert config_fields_read(ast.parse(source)) == ["config.data.data_dir"]
+
+
+@pytest.mark.parametrize("field, value", [
+    ("train.batch_size", 0), ("train.checkpoint_every", 0), ("train.log_every", 0),
+    ("data.max_cases", -1), ("data.num_classes", -1), ("data.num_classes", 1),
+    ("refine.passes", 1), ("data.image_shape", (32, 0))])
+def test_impossible_values_are_refused_naming_the_field(field, value):
+  config = load_config_file(str(EXPERIMENTS / "smoke.py"))
+  section, name = field.split(".")
+  config[section][name] = value
+  with pytest.raises(ValueError, match=re.escape(f"{field}={value!r}")):
+    check_config(config)
+
+
+def test_every_experiment_passes_the_check():
+  for path in sorted(EXPERIMENTS.glob("*.py")):
+    check_config(load_config_file(str(path)))

@@ -43,3 +43,26 @@ def test_unknown_mode_is_a_usage_error(tmp_path):
                   "--config.mode=painting")
   assert done.returncode != 0
   assert "config.mode='painting': unknown ['painting']" in done.stderr
+
+
+def test_the_acis_jax_command_is_the_same_entry_point(tmp_path):
+  command = os.path.join(os.path.dirname(sys.executable), "acis-jax")
+  assert os.path.isfile(command), "pip install -e . installs the acis-jax command"
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  done = subprocess.run([command, "--config=experiments/smoke.py", f"--workdir={tmp_path}",
+                         "--config.mode=painting"], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=600)
+  assert done.returncode != 0
+  assert "config.mode='painting': unknown ['painting']" in done.stderr
+
+
+@pytest.mark.parametrize("override, field, suggestion", [
+    ("--config.data.num_clases=3", "num_clases", "num_classes"),
+    ("--config.dataa.num_classes=3", "dataa", "data")])
+def test_a_misspelt_field_is_one_line_with_the_suggestion(tmp_path, override, field, suggestion):
+  done = run_main("--config=experiments/smoke.py", f"--workdir={tmp_path}", override)
+  assert done.returncode != 0
+  assert done.stderr.strip().splitlines() == [
+      f"FATAL Flags parsing error: {override}: the config has no field '{field}'. "
+      f'Did you mean "{suggestion}" instead of "{field}"?']
+  assert not os.listdir(tmp_path)  # nothing written

@@ -2,6 +2,7 @@
 
   DATA_DIR/imagesTr/NAME.nii.gz   HU image (or NAME_0000.nii.gz, nnU-Net's channel 0; one channel)
   DATA_DIR/labelsTr/NAME.nii.gz   integer label map on the image's grid, 0 = background
+  DATA_DIR/dataset.json           optional: what the label ids mean (`acis_jax.data.labels`)
 
 Files whose names start with "." are skipped (macOS "._NAME.nii.gz" copies ship in the Decathlon
 archives; our own unfinished writes are hidden files too).
@@ -9,13 +10,17 @@ archives; our own unfinished writes are hidden files too).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
+import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
+from absl import logging
 import numpy as np
 
+from acis_jax.data.labels import read_dataset_json
 from acis_jax.data.nifti import Volume, load_nifti
 from acis_jax.data.preprocess import preprocess_case
 
@@ -25,11 +30,12 @@ _CHANNEL = re.compile(r"^(?P<name>.+)_(?P<channel>\d{4})$")
 @dataclasses.dataclass(frozen=True)
 class Case:
   """One image and (optionally) its label map; `name` is the file name without extension and
-  channel suffix."""
+  channel suffix; `label_names`: `(id, name)` pairs, empty when the source does not say."""
 
   name: str
   image_path: Path
   label_path: Path | None
+  label_names: tuple[tuple[int, str], ...] = ()
 
 
 def _nifti_stem(path: Path) -> str | None:
@@ -86,13 +92,34 @@ def find_cases(data_dir: str | os.PathLike, *, require_labels: bool = True) -> l
           f"{images_dir}: two images for case {stem}: {by_name[stem].name} and {path.name}")
     by_name[stem] = path
 
+  table = read_dataset_json(data_dir) or {}
   cases = []
   for name, image_path in sorted(by_name.items()):
     label_path = labels.get(name)
     if label_path is None and require_labels:
       raise ValueError(f"{image_path}: no label map; expected {labels_dir / (name + '.nii.gz')}")
-    cases.append(Case(name=name, image_path=image_path, label_path=label_path))
+    cases.append(Case(name=name, image_path=image_path, label_path=label_path,
+                      label_names=tuple(sorted(table.items()))))
+  for name in sorted(set(labels) - set(by_name)):
+    logging.warning("%s: a label map with no image (expected %s); it is not used",
+                    labels[name], images_dir / f"{name}.nii.gz")
   return cases
+
+
+def write_dataset_json(data_dir: str | os.PathLike, label_names: Mapping[int, str]) -> Path:
+  """Writes `data_dir/dataset.json` (nnU-Net v2's description: channel, labels name -> id,
+  case count), atomically and readable by all, so that the folder names its labels."""
+  data_dir = Path(data_dir)
+  description = {"channel_names": {"0": "CT"},
+                 "labels": {name: ident for ident, name in sorted(label_names.items())},
+                 "numTraining": len(_nifti_files(data_dir / "imagesTr")),
+                 "file_ending": ".nii.gz"}
+  fd, tmp = tempfile.mkstemp(dir=data_dir, prefix=".dataset-", suffix=".json")
+  with os.fdopen(fd, "w") as f:
+    json.dump(description, f, indent=2)
+  os.chmod(tmp, 0o644)
+  os.replace(tmp, data_dir / "dataset.json")
+  return data_dir / "dataset.json"
 
 
 def check_label_map(label: Volume, *, require_foreground: bool = True) -> Volume:

@@ -57,6 +57,19 @@ def axial_axis(affine: np.ndarray) -> int:
   return int(np.argmax(np.abs(np.asarray(affine)[2, :3])))
 
 
+def as_ras(volume: Volume) -> Volume:
+  """The 3-D volume with its array axes reordered and flipped to run along world R, A, S
+  (nibabel's closest canonical), the affine changed to match: the same voxels in the same
+  places, so that index-based choices (slice bands, crops) pick the same anatomy however a
+  file stores its axes. 2-D volumes are returned as they are."""
+  if volume.array.ndim != 3:
+    return volume
+  ornt = nib.orientations.io_orientation(volume.affine)
+  array = nib.orientations.apply_orientation(volume.array, ornt)
+  affine = volume.affine @ nib.orientations.inv_ornt_aff(ornt, volume.array.shape)
+  return Volume(np.ascontiguousarray(array), affine, volume.path)
+
+
 def _check_nifti_name(path: Path) -> None:
   if not path.name.endswith(_NIFTI_SUFFIXES):
     raise ValueError(f"{path}: a NIfTI file name must end in .nii or .nii.gz")

@@ -15,11 +15,11 @@ from typing import Sequence
 
 import numpy as np
 
-from acis_jax.data.dataset import Case
+from acis_jax.data.dataset import Case, write_dataset_json
 from acis_jax.data.nifti import save_nifti
 
 PHANTOM_LABELS = {
-    0: "background", 1: "heart", 2: "aorta", 3: "left lung", 4: "right lung", 5: "spine"}
+    0: "background", 1: "heart", 2: "aorta", 3: "left_lung", 4: "right_lung", 5: "spine"}
 PHANTOM_SPACING_MM = 1.5
 
 # HU values, roughly those of a contrast-enhanced chest CT.
@@ -102,4 +102,6 @@ def phantom_case(
   image_path = save_nifti(
       root / "imagesTr" / f"{name}.nii.gz", np.round(hu), affine, dtype=np.int16)
   label_path = save_nifti(root / "labelsTr" / f"{name}.nii.gz", labels, affine)
-  return Case(name=name, image_path=image_path, label_path=label_path)
+  write_dataset_json(root, PHANTOM_LABELS)
+  return Case(name=name, image_path=image_path, label_path=label_path,
+              label_names=tuple(PHANTOM_LABELS.items()))

@@ -13,13 +13,14 @@ from typing import Any
 
 import numpy as np
 
-from acis_jax.data.dataset import check_label_map, find_cases
-from acis_jax.data.nifti import Volume, axial_axis, load_nifti
-from acis_jax.data.phantom import PHANTOM_SPACING_MM, chest_phantom
+from acis_jax.data.dataset import Case, check_label_map, find_cases
+from acis_jax.data.labels import select_classes
+from acis_jax.data.nifti import Volume, as_ras, axial_axis, load_nifti
+from acis_jax.data.phantom import PHANTOM_LABELS, PHANTOM_SPACING_MM, chest_phantom
 from acis_jax.data.preprocess import check_same_grid, preprocess_case
-from acis_jax.data.sample import sample_abdomen_ct, sample_chest_ct
+from acis_jax.data.sample import sample_abdomen_ct, sample_chest_ct, sample_lobes_ct
 
-BUILT_IN = {"chest": sample_chest_ct, "abdomen": sample_abdomen_ct}
+BUILT_IN = {"chest": sample_chest_ct, "lobes": sample_lobes_ct, "abdomen": sample_abdomen_ct}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,23 +65,49 @@ def slice_indices(depth: int, num_slices: int, band: tuple[float, float]) -> lis
   return sorted({int(round(p)) for p in positions})
 
 
-def _raw_cases(data: Any) -> list[tuple[str, Volume, Volume | None]]:
-  """Unprocessed (name, HU image, labels) triples, grids checked."""
+def _source_cases(data: Any) -> list[Case]:
+  """The cases `data` names: an nnU-Net folder, a built-in sample or the phantom."""
   if data.data_dir:
-    cases = find_cases(data.data_dir, require_labels=data.require_labels)
-  elif data.sample == "phantom":
-    hu, labels = chest_phantom(tuple(data.image_shape), seed=data.phantom_seed)
-    affine = np.diag([PHANTOM_SPACING_MM] * 3 + [1.0])
-    return [("phantom", Volume(hu, affine), Volume(labels, affine))]
-  elif data.sample in BUILT_IN:
-    cases = [BUILT_IN[data.sample]()]
-  elif not data.sample:
+    return find_cases(data.data_dir, require_labels=data.require_labels)
+  if not data.sample:
     raise ValueError("no data: data.data_dir and data.sample are both empty; pass "
                      "--config.data.data_dir=DIR (an nnU-Net folder) or choose a data.sample "
                      f"from {sorted(BUILT_IN) + ['phantom']}")
-  else:
-    raise ValueError(f"data.sample must be one of {sorted(BUILT_IN) + ['phantom']}, "
-                     f"got {data.sample!r}")
+  names = data.sample.split(",")
+  unknown = [n for n in names if n not in BUILT_IN]
+  if unknown:
+    raise ValueError(f"data.sample={data.sample!r}: unknown {unknown}; one of "
+                     f"{sorted(BUILT_IN) + ['phantom']}, or several of {sorted(BUILT_IN)} "
+                     "joined by commas")
+  return [BUILT_IN[n]() for n in names]
+
+
+def _chosen_classes(label: Volume, table: dict[int, str], data: Any) -> Volume:
+  """The label map with `data.classes` as 1, 2, ... (as it is when no classes are given)."""
+  classes = tuple(data.classes)
+  if not classes:
+    return label
+  if not table:
+    raise ValueError(f"{label.path}: data.classes={classes} picks classes by name, but this "
+                     "dataset does not name its labels (add a dataset.json with a \"labels\" "
+                     "entry to its folder)")
+  return Volume(select_classes(label.array, table, classes, label.path or "labels"),
+                label.affine, label.path)
+
+
+def _raw_cases(data: Any) -> list[tuple[str, Volume, Volume | None]]:
+  """Unprocessed (name, HU image, labels) triples in RAS+ axes, grids checked, classes
+  chosen."""
+  if data.classes and data.num_classes != len(data.classes) + 1:
+    raise ValueError(f"data.classes names {len(data.classes)} classes, so data.num_classes "
+                     f"must be {len(data.classes) + 1} (with the background), not "
+                     f"{data.num_classes}")
+  if data.sample == "phantom" and not data.data_dir:
+    hu, labels = chest_phantom(tuple(data.image_shape), seed=data.phantom_seed)
+    affine = np.diag([PHANTOM_SPACING_MM] * 3 + [1.0])
+    return [("phantom", Volume(hu, affine),
+             _chosen_classes(Volume(labels, affine, "phantom"), PHANTOM_LABELS, data))]
+  cases = _source_cases(data)
   if data.max_cases:
     cases = cases[:data.max_cases]
   triples = []
@@ -90,7 +117,8 @@ def _raw_cases(data: Any) -> list[tuple[str, Volume, Volume | None]]:
     if case.label_path:
       label = check_label_map(load_nifti(case.label_path), require_foreground=data.require_labels)
       check_same_grid(image, label)
-    triples.append((case.name, image, label))
+      label = as_ras(_chosen_classes(label, dict(case.label_names), data))
+    triples.append((case.name, as_ras(image), label))
   return triples
 
 
@@ -98,7 +126,8 @@ def load_examples(data: Any) -> list[Example]:
   """Loads and preprocesses the examples that `data` (a config section) names.
 
   Fields: `data_dir` (an nnU-Net folder; empty for a built-in sample),
-  `sample` ("chest", "abdomen" or "phantom"), `image_shape` (2 or 3 ints),
+  `sample` ("chest", "lobes", "abdomen", several joined by commas, or "phantom"), `classes`
+  (label names to keep, in order; () = as stored), `image_shape` (2 or 3 ints),
   `require_labels`, `max_cases` (0 = all), and for 2-D runs `num_slices` and
   `slice_band` (fractions of the axial extent to take slices from).
   """

@@ -22,6 +22,9 @@ Real data and the split. `config.data` names the real data (`acis_jax.data.sourc
     slice is in both sets (checked by slice index too).
   * 3-D: whole volumes. The last `evaluate.num_test_cases` cases (in name order) are the test
     set, the others the training pool.
+  * By patient, in 2-D and 3-D: `evaluate.test_cases` names the held-out cases (volumes);
+    the pool is drawn from the other cases only (2-D: their `train_band`; the test slices from
+    the test cases' `test_band`, which may then overlap it).
   The n cases of the few-shot arms are n cases of the pool spread evenly over it (in axial
   order for slices), the same for every seed and arm: the synthesizer of size n is trained on
   exactly them.
@@ -32,8 +35,8 @@ Real data and the split. `config.data` names the real data (`acis_jax.data.sourc
   treats the test slices as independent cases; they are not, so the effective sample size is
   smaller than the number of slices and the p-values are optimistic (too small). A '*' then
   says that ACIS beat the next best arm on these slices of this patient, not that the gain
-  carries over to new patients; that needs held-out patients (a `data.data_dir` of several
-  volumes in 3-D, split by case).
+  carries over to new patients; that needs held-out patients (`evaluate.test_cases`, e.g.
+  experiments/fewshot_chest2d.py on the two built-in chest CTs).
 
 The synthesizer of size n (the default, `evaluate.train_synthesizer`): the ACIS stages are
 trained on those n cases only (`acis_jax.train.trainer.train`, with `config.model`,
@@ -111,22 +114,47 @@ def _slice_key(example: Example) -> tuple[str, int]:
   return volume, int(index)
 
 
+def _patient(example: Example, is_2d: bool) -> str:
+  return _slice_key(example)[0] if is_2d else example.name
+
+
+def _split_by_patient(pool: list[Example], test: list[Example], test_cases: tuple[str, ...],
+                      is_2d: bool) -> Split:
+  """The pool without any case of `test_cases`, and the test set of only those."""
+  patients = sorted({_patient(e, is_2d) for e in pool + test})
+  unknown = [c for c in test_cases if c not in patients]
+  if unknown:
+    raise ValueError(f"evaluate.test_cases: no case named {unknown}; the cases are {patients}")
+  if set(test_cases) == set(patients):
+    raise ValueError(f"evaluate.test_cases={test_cases} holds out every case: none is left "
+                     "to train on")
+  pool = [e for e in pool if _patient(e, is_2d) not in test_cases]
+  test = [e for e in test if _patient(e, is_2d) in test_cases]
+  return Split(sorted(pool, key=_slice_key) if is_2d else pool, test)
+
+
 def load_split(config) -> Split:
   """The training pool and the test cases named by `config.data` and `config.evaluate`."""
   ev, data = config.evaluate, config.data
+  test_cases = tuple(ev.test_cases)
   if len(data.image_shape) == 3:
     examples = sorted(load_examples(data), key=lambda e: e.name)
+    if test_cases:
+      return _split_by_patient(examples, examples, test_cases, is_2d=False)
     k = int(ev.num_test_cases)
     if not 1 <= k < len(examples):
       raise ValueError(f"evaluate.num_test_cases={k}: need 1 <= it < the {len(examples)} "
                        "volume(s) of config.data, so both the pool and the test set have cases")
     return Split(examples[:-k], examples[-k:])
   train_band, test_band = tuple(ev.train_band), tuple(ev.test_band)
-  if not (train_band[1] < test_band[0] or test_band[1] < train_band[0]):
+  overlap = not (train_band[1] < test_band[0] or test_band[1] < train_band[0])
+  if overlap and not test_cases:
     raise ValueError(f"evaluate.train_band={train_band} and evaluate.test_band={test_band} "
                      "overlap: the test slices must come from a separate axial band")
   pool = load_examples(_with_band(data, train_band, data.num_slices))
   test = load_examples(_with_band(data, test_band, ev.num_test_slices))
+  if test_cases:
+    return _split_by_patient(pool, test, test_cases, is_2d=True)
   shared = sorted({_slice_key(e) for e in pool} & {_slice_key(e) for e in test})
   if shared:
     raise ValueError(f"slices {shared} fall in both bands (too few slices between "
@@ -136,11 +164,18 @@ def load_split(config) -> Split:
 
 def split_note(config, split: Split) -> str:
   """One paragraph for the report: where the training and test cases come from."""
-  volumes = sorted({_slice_key(e)[0] for e in split.pool + split.test}) if len(
-      config.data.image_shape) == 2 else []
-  if not volumes:
+  is_2d = len(config.data.image_shape) == 2
+  pool_patients = sorted({_patient(e, is_2d) for e in split.pool})
+  test_patients = sorted({_patient(e, is_2d) for e in split.test})
+  if tuple(config.evaluate.test_cases):
+    what = "axial slices" if is_2d else "volume(s)"
+    return (f"Split by patient: training pool {len(split.pool)} {what} of {pool_patients}; "
+            f"held-out test set {len(split.test)} {what} of the other patient(s) "
+            f"{test_patients}, never seen by the synthesizer or the downstream training.")
+  if not is_2d:
     return (f"Training pool: {len(split.pool)} volume(s); held-out test set: "
             f"{len(split.test)} other volume(s).")
+  volumes = sorted(set(pool_patients) | set(test_patients))
   note = (f"Training pool: {len(split.pool)} axial slices of the band "
           f"{tuple(config.evaluate.train_band)}; held-out test set: {len(split.test)} slices of "
           f"the disjoint band {tuple(config.evaluate.test_band)} (fractions of the axial "

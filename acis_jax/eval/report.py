@@ -195,6 +195,42 @@ def comparisons(rows: Sequence[Mapping], alpha: float = 0.05
   return out
 
 
+BASELINE_ARM = "baseline"
+
+
+def data_gaps(rows: Sequence[Mapping]) -> dict[tuple[str, int, str, str], tuple[float, float]]:
+  """`(task, n, net, metric) -> (upper - baseline, one-sided p that the upper bound is
+  better)` at the smallest few-shot n of each task: whether the task is short of real data at
+  all, i.e. whether there is a gap for synthetic data to close."""
+  out = {}
+  for task in _ordered(r["task"] for r in rows):
+    sizes = sorted({r["n"] for r in rows if r["task"] == task and r["arm"] == BASELINE_ARM})
+    if not sizes or not any(r["task"] == task and r["arm"] == REFERENCE_ARM for r in rows):
+      continue
+    for net in _ordered(r["net"] for r in rows if r["task"] == task):
+      for headline in headlines(task):
+        upper = case_means(rows, arm=REFERENCE_ARM, net=net, task=task, metric=headline.key)
+        base = case_means(rows, arm=BASELINE_ARM, net=net, task=task, metric=headline.key,
+                          n=sizes[0])
+        if upper and base:
+          margin = float(np.mean(list(upper.values())) - np.mean(list(base.values())))
+          out[task, sizes[0], net, headline.key] = (
+              margin, one_sided_p(upper, base, headline.higher_is_better))
+  return out
+
+
+def _gap_note(rows: Sequence[Mapping], task: str) -> str:
+  gaps = {k: v for k, v in data_gaps(rows).items() if k[0] == task}
+  if not gaps:
+    return ""
+  titles = {h.key: h for h in headlines(task)}
+  parts = [f"{net} {titles[metric].title} {margin * titles[metric].scale:+.2f} (p = {p:.2g})"
+           for (_, _, net, metric), (margin, p) in gaps.items()]
+  n = next(iter(gaps))[1]
+  return (f"Upper bound minus baseline at n = {n} (is the task short of real data? one-sided "
+          f"Wilcoxon p that the upper bound is better): {'; '.join(parts)}.")
+
+
 # ---------------------------------------------------------------------------------------------
 # Markdown
 
@@ -236,6 +272,9 @@ def markdown_tables(rows: Sequence[Mapping], alpha: float = 0.05, preamble: str 
             text += "\\*"
           cells.append(text)
       lines.append("| " + " | ".join(cells) + " |")
+    gap = _gap_note(rows, task)
+    if gap:
+      lines += ["", gap]
     parts.append("\n".join(lines))
   return "\n\n".join(parts) + "\n"
 

@@ -66,10 +66,14 @@ def load_training_data(config, examples: list[Example] | None = None) -> Trainin
     if missing:
       raise ValueError(f"config.data.num_classes={num_classes} but these cases have no labels: "
                        f"{missing}; set num_classes=0 for label-free training")
+    too_high = [e for e in examples if e.label.array.max() >= num_classes]
+    if too_high:
+      first = too_high[0]
+      raise ValueError(f"{first.label.path or first.name}: labels go up to "
+                       f"{first.label.array.max()} but config.data.num_classes={num_classes} "
+                       f"(it must count the background too; {len(too_high)} case(s) like this, "
+                       "or pick classes by name with data.classes)")
     labels = np.stack([e.label.array for e in examples]).astype(np.int32)
-    if labels.max() >= num_classes:
-      raise ValueError(f"labels go up to {labels.max()} but config.data.num_classes="
-                       f"{num_classes}; it must count the background too")
   images = np.stack([e.image.array for e in examples]).astype(np.float32)[..., None]
   for example, image in zip(examples, images):
     if image.min() == image.max():

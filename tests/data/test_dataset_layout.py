@@ -112,3 +112,12 @@ def test_check_label_map_dtypes_and_values():
     check_label_map(Volume(np.array([[0, -1]], np.int16), AFFINE, path="neg.nii.gz"))
   with pytest.raises(ValueError, match=r"c\.nii\.gz: label map has dtype complex"):
     check_label_map(Volume(np.zeros((2, 2), np.complex64), AFFINE, path="c.nii.gz"))
+
+
+def test_a_label_map_without_an_image_is_warned_about(tmp_path, caplog):
+  phantom_case(tmp_path, (16, 16, 8), name="case_a")
+  stray = tmp_path / "labelsTr" / "case_b.nii.gz"
+  stray.write_bytes((tmp_path / "labelsTr" / "case_a.nii.gz").read_bytes())
+  with caplog.at_level("WARNING"):
+    assert [c.name for c in find_cases(tmp_path)] == ["case_a"]
+  assert f"{stray}: a label map with no image" in caplog.text

@@ -1,11 +1,14 @@
 """Examples from config: axial slices keep their world position; bad shapes are refused."""
 
+import json
+
 import ml_collections
 import numpy as np
 import pytest
 from nibabel.affines import apply_affine
 
-from acis_jax.data import Volume, phantom_case
+from acis_jax.data import PHANTOM_LABELS, Volume, load_nifti, phantom_case, save_nifti
+from acis_jax.data.labels import read_dataset_json
 from acis_jax.data.sources import axial_slice, load_examples, slice_indices
 from acis_jax.defaults import base_config
 
@@ -36,8 +39,9 @@ def test_slice_indices_are_inside_the_band_and_distinct():
     slice_indices(100, 5, (0.8, 0.2))
 
 
-def data_config(tmp_path, shape, **overrides):
-  phantom_case(tmp_path, (40, 36, 30))
+def data_config(tmp_path, shape, write_phantom=True, **overrides):
+  if write_phantom:
+    phantom_case(tmp_path, (40, 36, 30))
   data = ml_collections.ConfigDict(base_config().data.to_dict())
   data.data_dir = str(tmp_path)
   data.image_shape = shape
@@ -64,4 +68,57 @@ def test_a_2d_folder_cannot_feed_a_3d_run(tmp_path):
   data = ml_collections.ConfigDict(base_config().data.to_dict())
   data.data_dir, data.image_shape = str(tmp_path), (8, 8, 8)
   with pytest.raises(ValueError, match="flat.nii.gz: a 2-D image cannot feed a 3-D run"):
+    load_examples(data)
+
+
+def world_z(example) -> float:
+  """World z (mm) of a 2-D example's plane."""
+  return float(example.image.affine[2, 3] + example.image.affine[2, :2] @ (
+      np.array(example.image.array.shape) - 1) / 2)
+
+
+def test_slices_are_chosen_in_world_coordinates_however_the_file_stores_its_axes(tmp_path):
+  """The same CT stored with its axial axis flipped (and its columns swapped) gives slices at
+  the same world positions with the same pixels."""
+  case = phantom_case(tmp_path / "as_is", (40, 36, 30))
+  image, label = load_nifti(case.image_path), load_nifti(case.label_path)
+  flip = np.eye(4)
+  flip[2, 2], flip[2, 3] = -1, image.array.shape[2] - 1  # index k -> K-1-k
+  swap = np.eye(4)[[1, 0, 2, 3]]
+  for name, volume in (("image", image), ("label", label)):
+    array = np.swapaxes(volume.array[:, :, ::-1], 0, 1)
+    save_nifti(tmp_path / "stored_otherwise" / f"{name}sTr" / "phantom.nii.gz", array,
+               volume.affine @ flip @ swap)
+  configs = [data_config(tmp_path / folder, (32, 32), write_phantom=False, num_slices=4,
+                         slice_band=(0.2, 0.6)) for folder in ("as_is", "stored_otherwise")]
+  as_is, otherwise = (load_examples(c) for c in configs)
+  spacing = image.spacing[2]
+  for a, b in zip(as_is, otherwise):
+    assert abs(world_z(a) - world_z(b)) <= spacing + 1e-6
+    np.testing.assert_allclose(a.image.array, b.image.array, atol=1e-6)
+    np.testing.assert_array_equal(a.label.array, b.label.array)
+    np.testing.assert_allclose(a.image.affine, b.image.affine, atol=1e-6)
+
+
+def test_classes_by_name_from_dataset_json(tmp_path):
+  data = data_config(tmp_path, (24, 24, 16), classes=("right_lung", "heart"), num_classes=3)
+  assert read_dataset_json(tmp_path) == PHANTOM_LABELS  # phantom_case describes its folder
+  (example,) = load_examples(data)
+  original = load_examples(data_config(tmp_path, (24, 24, 16)))[0].label.array
+  np.testing.assert_array_equal(example.label.array,
+                                np.select([original == 4, original == 1], [1, 2], 0))
+
+
+def test_classes_need_names_and_a_matching_class_count(tmp_path):
+  data = data_config(tmp_path, (24, 24, 16), classes=("heart",), num_classes=2)
+  (tmp_path / "dataset.json").unlink()
+  with pytest.raises(ValueError, match="does not name its labels"):
+    load_examples(data)
+  data.num_classes = 5
+  with pytest.raises(ValueError, match="num_classes must be 2"):
+    load_examples(data)
+  (tmp_path / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "heart": 1}}))
+  data.classes, data.num_classes = ("liver",), 2
+  with pytest.raises(ValueError, match=r"phantom\.nii\.gz: no class 'liver'; its labels are "
+                                       r"\['heart'\]"):
     load_examples(data)

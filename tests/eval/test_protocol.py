@@ -216,3 +216,62 @@ def test_the_synthesizer_of_size_n_sees_only_those_n_slices(tmp_path, monkeypatc
   calls.clear()
   protocol.run(config, str(workdir))
   assert calls == []
+
+
+def two_patient_config(tmp_path, **evaluate):
+  config = make_config(tmp_path, train_band=(0.3, 0.7), test_band=(0.3, 0.7), **evaluate)
+  patients = tmp_path / "patients"
+  phantom_case(patients, (32, 32, 40), name="patient_a", seed=0)
+  phantom_case(patients, (32, 32, 40), name="patient_b", seed=1)
+  config.data.data_dir = str(patients)
+  return config
+
+
+def test_split_by_patient_keeps_the_test_patient_out_of_every_training(tmp_path, monkeypatch):
+  config = two_patient_config(tmp_path, test_cases=("patient_b",), train_synthesizer=True,
+                              arms=("baseline", "acis", "upper"), denoise_sigmas=())
+  split = protocol.load_split(config)
+  assert {e.name.rsplit("_z", 1)[0] for e in split.pool} == {"patient_a"}
+  assert {e.name.rsplit("_z", 1)[0] for e in split.test} == {"patient_b"}
+  assert len(split.pool) == POOL and len(split.test) == TEST
+  # The same band of both patients: without the patient split these would overlap.
+  assert {z_index(e.name) for e in split.pool} & {z_index(e.name) for e in split.test}
+  assert "Split by patient" in protocol.split_note(config, split)
+
+  synthesizer_saw, downstream_saw = [], []
+
+  def fake_train(synth_config, root, examples):
+    synthesizer_saw.extend(e.name for e in examples)
+
+  def fake_synthesize(synth_config, root):
+    for i, folder in enumerate(protocol.SYNTHETIC_FOLDERS.values()):
+      write_fake_synthetic(Path(root) / folder, seed=i)
+
+  real_train = downstream.train_downstream
+
+  def recording_train(factory, task, inputs, targets=None, **kw):
+    downstream_saw.append(np.asarray(inputs)[..., 0])
+    return real_train(factory, task, inputs, targets, **kw)
+
+  monkeypatch.setattr(protocol.trainer, "train", fake_train)
+  monkeypatch.setattr(protocol.synthesize, "run", fake_synthesize)
+  monkeypatch.setattr(downstream, "train_downstream", recording_train)
+  protocol.run(config, str(tmp_path / "work"))
+
+  assert synthesizer_saw and all(n.startswith("patient_a_z") for n in synthesizer_saw)
+  test_images = [e.image.array for e in split.test]
+  pool_images = [e.image.array for e in split.pool]
+  assert len(downstream_saw) == 3
+  for inputs in downstream_saw:
+    assert not any(np.allclose(row, t) for row in inputs for t in test_images)
+    assert any(np.allclose(inputs[0], p) for p in pool_images)
+
+
+def test_split_by_patient_names_the_cases(tmp_path):
+  config = two_patient_config(tmp_path, test_cases=("patient_c",))
+  with pytest.raises(ValueError, match=r"no case named \['patient_c'\]; the cases are "
+                                       r"\['patient_a', 'patient_b'\]"):
+    protocol.load_split(config)
+  config.evaluate.test_cases = ("patient_a", "patient_b")
+  with pytest.raises(ValueError, match="none is left to train on"):
+    protocol.load_split(config)

@@ -195,3 +195,24 @@ def test_non_finite_values_are_refused_after_the_csv_is_saved(tmp_path):
   with pytest.raises(ValueError, match="non-finite"):
     report.write_report(rows, str(tmp_path))
   assert (tmp_path / "results.csv").exists()
+
+
+def test_the_data_gap_is_the_upper_bound_against_the_baseline_at_the_smallest_n():
+  base = np.linspace(0.60, 0.80, 10)
+  upper = base + np.linspace(0.05, 0.14, 10)  # better on every case, by distinct margins
+  rows = (seg_rows({"baseline": base, "acis": base, "upper": upper},
+                   {"baseline": 10 - base, "acis": 10 - base, "upper": 12 - base})
+          + seg_rows({"baseline": base + 0.5, "acis": base, "upper": upper},
+                     {"baseline": 10 - base, "acis": 10 - base, "upper": 12 - base}, n=8))
+  gaps = report.data_gaps(rows)
+  assert set(gaps) == {("segmentation", 4, "unet", "dice/mean"),
+                       ("segmentation", 4, "unet", "msd/mean")}  # n = 4 only
+  margin, p = gaps["segmentation", 4, "unet", "dice/mean"]
+  assert margin == pytest.approx(np.mean(upper - base))
+  assert p == pytest.approx(stats.wilcoxon(upper, base, alternative="greater").pvalue)
+  assert p == pytest.approx(2.0 ** -10)
+  # Distances: the upper bound is 2 mm worse on every case, so nothing says it is better.
+  margin, p = gaps["segmentation", 4, "unet", "msd/mean"]
+  assert margin == pytest.approx(2.0) and p == pytest.approx(1.0)
+  assert (f"unet DSC (%) {np.mean(upper - base) * 100:+.2f} (p = 0.00098)"
+          in report.markdown_tables(rows))

@@ -1,6 +1,5 @@
 """Patch training (`config.data.patch_shape`): the crops, and what each stage's networks see."""
 
-import dataclasses
 import os
 
 import jax

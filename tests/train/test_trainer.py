@@ -109,3 +109,15 @@ def test_keeping_fewer_than_two_checkpoints_is_refused(tmp_path):
 def test_batch_size_must_split_over_the_devices():
   with pytest.raises(ValueError, match="batch_size=6 must be a multiple of the 8 devices"):
     parallel.check_batch_size(6, parallel.make_mesh())
+
+
+def test_labels_beyond_num_classes_name_the_file(tmp_path):
+  from acis_jax.data.phantom import phantom_case
+  phantom_case(tmp_path, (32, 32, 24), name="case_a")
+  config = smoke_config()
+  config.data.data_dir = str(tmp_path)
+  config.data.image_shape = (32, 32, 24)
+  config.data.num_classes = 3  # the phantom's labels go up to 5
+  with pytest.raises(ValueError, match=r"labelsTr/case_a\.nii\.gz: labels go up to 5 but "
+                                       r"config\.data\.num_classes=3"):
+    load_training_data(config)
