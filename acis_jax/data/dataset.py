@@ -10,10 +10,8 @@ archives; our own unfinished writes are hidden files too).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -23,6 +21,7 @@ import numpy as np
 from acis_jax.data.labels import read_dataset_json
 from acis_jax.data.nifti import Volume, load_nifti
 from acis_jax.data.preprocess import preprocess_case
+from acis_jax.workdir import write_json_atomically
 
 _CHANNEL = re.compile(r"^(?P<name>.+)_(?P<channel>\d{4})$")
 
@@ -114,11 +113,7 @@ def write_dataset_json(data_dir: str | os.PathLike, label_names: Mapping[int, st
                  "labels": {name: ident for ident, name in sorted(label_names.items())},
                  "numTraining": len(_nifti_files(data_dir / "imagesTr")),
                  "file_ending": ".nii.gz"}
-  fd, tmp = tempfile.mkstemp(dir=data_dir, prefix=".dataset-", suffix=".json")
-  with os.fdopen(fd, "w") as f:
-    json.dump(description, f, indent=2)
-  os.chmod(tmp, 0o644)
-  os.replace(tmp, data_dir / "dataset.json")
+  write_json_atomically(data_dir / "dataset.json", description)
   return data_dir / "dataset.json"
 
 

@@ -56,9 +56,7 @@ def read_dataset_json(data_dir: str | os.PathLike) -> dict[int, str] | None:
 def available_names(table: LabelTable) -> list[str]:
   """The names `select_classes` accepts for `table`: its own and those derivable from it."""
   own = [n for i, n in sorted(table.items()) if i != 0]
-  derivable = [n for n, parts in DERIVED.items()
-               if n not in own and all(p in table.values() for p in parts)]
-  return own + derivable
+  return own + [n for n in DERIVED if n not in own and _ids_of(n, table)]
 
 
 def _ids_of(name: str, table: LabelTable) -> list[int]:

@@ -219,8 +219,9 @@ def data_gaps(rows: Sequence[Mapping]) -> dict[tuple[str, int, str, str], tuple[
   return out
 
 
-def _gap_note(rows: Sequence[Mapping], task: str) -> str:
-  gaps = {k: v for k, v in data_gaps(rows).items() if k[0] == task}
+def _gap_note(all_gaps: Mapping, task: str) -> str:
+  """The line under a task's table: `data_gaps` of that task."""
+  gaps = {k: v for k, v in all_gaps.items() if k[0] == task}
   if not gaps:
     return ""
   titles = {h.key: h for h in headlines(task)}
@@ -240,6 +241,7 @@ def markdown_tables(rows: Sequence[Mapping], alpha: float = 0.05, preamble: str 
   paragraph `preamble` (e.g. where the test cases come from) when one is given."""
   rows = list(rows)
   marks = comparisons(rows, alpha)
+  gaps = data_gaps(rows)
   parts = [preamble] if preamble else []
   for task in _ordered(r["task"] for r in rows):
     task_rows = [r for r in rows if r["task"] == task]
@@ -272,7 +274,7 @@ def markdown_tables(rows: Sequence[Mapping], alpha: float = 0.05, preamble: str 
             text += "\\*"
           cells.append(text)
       lines.append("| " + " | ".join(cells) + " |")
-    gap = _gap_note(rows, task)
+    gap = _gap_note(gaps, task)
     if gap:
       lines += ["", gap]
     parts.append("\n".join(lines))
