@@ -9,7 +9,9 @@ import dataclasses
 import ml_collections
 
 from acis_jax.data.augment import AugmentParams
+from acis_jax.data.nnunet import dataset_folder_name
 from acis_jax.pseudomask import PseudoMaskParams
+from acis_jax.workdir import SYNTHETIC_FOLDERS
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -85,6 +87,14 @@ def base_config() -> ml_collections.ConfigDict:
   config.synthesize.batch_size = 2
   config.synthesize.unrefined = False      # also write ACIS- (before refinement)
 
+  # mode = "export": an nnU-Net v2 dataset of the real cases and the synthetic pairs.
+  config.export = ml_collections.ConfigDict()
+  config.export.dataset_id = 501           # DatasetNNN_Name (1..999, unused in nnUNet_raw)
+  config.export.name = "ACIS"
+  config.export.arm = "acis"               # "acis" or "acis-" (synthesize.unrefined)
+  config.export.out_dir = ""               # "" = WORKDIR/nnunet; e.g. $nnUNet_raw
+  config.export.num_folds = 5              # splits_final.json folds; 0 = no file
+
   config.evaluate = evaluate_config()
 
   config.distributed = ml_collections.ConfigDict()
@@ -104,7 +114,7 @@ _AT_LEAST = {
     "train.masks_steps": 0, "train.images_steps": 0, "train.images_finetune_steps": 0,
     "train.registration_steps": 0, "refine.steps": 0, "refine.passes": 2,
     "synthesize.num_samples": 1, "synthesize.batch_size": 1,
-    "pseudomask.num_seeds": 1, "pseudomask.num_edge_points": 1,
+    "pseudomask.num_seeds": 1, "pseudomask.num_edge_points": 1, "export.num_folds": 0,
 }
 
 
@@ -126,6 +136,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   shape = tuple(config.data.image_shape)
   if len(shape) not in (2, 3) or not all(isinstance(s, int) and s > 0 for s in shape):
     problems.append(f"data.image_shape={shape} (2 or 3 positive integers)")
+  try:
+    dataset_folder_name(config.export.dataset_id, config.export.name)
+  except ValueError as e:
+    problems.append(str(e))
+  if config.export.arm not in SYNTHETIC_FOLDERS:
+    problems.append(f"export.arm={config.export.arm!r} (one of {sorted(SYNTHETIC_FOLDERS)})")
   if problems:
     raise ValueError("config: " + "; ".join(problems))
 

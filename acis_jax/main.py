@@ -14,6 +14,7 @@ from ml_collections import config_flags
 
 from acis_jax.data.sample import cache_root
 from acis_jax.defaults import check_config
+from acis_jax.stops import Stopped, stops_raise
 from acis_jax.train.parallel import maybe_initialize_distributed
 from acis_jax.train.progress import show_progress_logs
 
@@ -31,6 +32,7 @@ JOBS = {
     "pseudomask": "acis_jax.jobs.pseudomask:run",
     "train": "acis_jax.train.trainer:train",
     "synthesize": "acis_jax.jobs.synthesize:run",
+    "export": "acis_jax.jobs.export:run",
     "evaluate": "acis_jax.eval.protocol:run",
 }
 
@@ -65,9 +67,14 @@ def main(argv):
   maybe_initialize_distributed(config)  # before anything asks JAX for devices
   logging.info("JAX process %d/%d, devices: %s", jax.process_index(), jax.process_count(),
                jax.devices())
-  for mode in modes:
-    module, function = JOBS[mode].split(":")
-    getattr(importlib.import_module(module), function)(config, _WORKDIR.value)
+  with stops_raise():
+    try:
+      for mode in modes:
+        module, function = JOBS[mode].split(":")
+        getattr(importlib.import_module(module), function)(config, _WORKDIR.value)
+    except Stopped as stop:
+      logging.error("%s", stop)
+      sys.exit(stop.exit_code)
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -10,10 +10,11 @@ Every file a run reads or writes under `--workdir` is named here and nowhere els
     checkpoints/<stage>/<step>/    orbax checkpoints of a stage in progress
     networks/<stage>/<network>/    a finished stage's networks (orbax)
     networks/<stage>/DONE          written last: the stage is finished
-    networks/grid.json             the grid synthetic volumes are written on
+    networks/grid.json             the grid synthetic volumes are written on, the label names
     synthetic/, synthetic_unrefined/   synthesized pairs (ACIS, ACIS-), swapped in whole
     synth_n<N>/                    the evaluation's synthesizer trained on N cases (a workdir)
     eval/                          the evaluation's results
+    nnunet/                        the export mode's nnU-Net dataset (unless export.out_dir)
     pseudomask/                    the pseudomask mode's maps and figures
 
 A run first takes the lock, then compares its fingerprint with the stored one: a work
@@ -148,6 +149,11 @@ class Workdir:
   @property
   def eval(self) -> str:
     return self.path("eval")
+
+  @property
+  def nnunet_export(self) -> str:
+    """Where `export` writes its DatasetNNN_Name folder when export.out_dir is empty."""
+    return self.path("nnunet")
 
   @property
   def pseudomask(self) -> str:

@@ -95,10 +95,12 @@ def test_synthesize_twice_with_fewer_samples_leaves_only_the_new_files(finished)
   config = zero_step_config()
   synthesize.run(config, str(finished))
   folder = finished / "synthetic" / "imagesTr"
-  assert sorted(p.name for p in folder.iterdir()) == [f"synth_{i:04d}.nii.gz" for i in range(4)]
+  assert sorted(p.name for p in folder.iterdir()) == [f"synth_{i:04d}_0000.nii.gz"
+                                                      for i in range(4)]
   config.synthesize.num_samples = 2
   synthesize.run(config, str(finished))
-  assert sorted(p.name for p in folder.iterdir()) == ["synth_0000.nii.gz", "synth_0001.nii.gz"]
+  assert sorted(p.name for p in folder.iterdir()) == ["synth_0000_0000.nii.gz",
+                                                      "synth_0001_0000.nii.gz"]
   assert sorted(p.name for p in (finished / "synthetic" / "labelsTr").iterdir()) == [
       "synth_0000.nii.gz", "synth_0001.nii.gz"]
   assert not [p for p in finished.iterdir() if p.name.startswith(".synthetic")]
@@ -118,9 +120,9 @@ def test_acis_and_acis_minus_share_their_draws(finished):
   config = zero_step_config()
   config.synthesize.unrefined = True
   synthesize.run(config, str(finished))
-  for kind in ("imagesTr", "labelsTr"):
+  for kind, suffix in (("imagesTr", "_0000"), ("labelsTr", "")):
     for i in range(config.synthesize.num_samples):
-      name = f"synth_{i:04d}.nii.gz"
+      name = f"synth_{i:04d}{suffix}.nii.gz"
       refined = np.asarray(nib.load(finished / "synthetic" / kind / name).dataobj)
       unrefined = np.asarray(nib.load(finished / "synthetic_unrefined" / kind / name).dataobj)
       np.testing.assert_array_equal(refined, unrefined)

@@ -13,7 +13,7 @@ import dataclasses
 import os
 import re
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Sequence
 
 from absl import logging
 import numpy as np
@@ -21,7 +21,6 @@ import numpy as np
 from acis_jax.data.labels import read_dataset_json
 from acis_jax.data.nifti import Volume, load_nifti
 from acis_jax.data.preprocess import preprocess_case
-from acis_jax.workdir import write_json_atomically
 
 _CHANNEL = re.compile(r"^(?P<name>.+)_(?P<channel>\d{4})$")
 
@@ -103,18 +102,6 @@ def find_cases(data_dir: str | os.PathLike, *, require_labels: bool = True) -> l
     logging.warning("%s: a label map with no image (expected %s); it is not used",
                     labels[name], images_dir / f"{name}.nii.gz")
   return cases
-
-
-def write_dataset_json(data_dir: str | os.PathLike, label_names: Mapping[int, str]) -> Path:
-  """Writes `data_dir/dataset.json` (nnU-Net v2's description: channel, labels name -> id,
-  case count), atomically and readable by all, so that the folder names its labels."""
-  data_dir = Path(data_dir)
-  description = {"channel_names": {"0": "CT"},
-                 "labels": {name: ident for ident, name in sorted(label_names.items())},
-                 "numTraining": len(_nifti_files(data_dir / "imagesTr")),
-                 "file_ending": ".nii.gz"}
-  write_json_atomically(data_dir / "dataset.json", description)
-  return data_dir / "dataset.json"
 
 
 def check_label_map(label: Volume, *, require_foreground: bool = True) -> Volume:

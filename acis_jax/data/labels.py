@@ -26,6 +26,12 @@ DERIVED = {
 }
 
 
+def full_table(named: Mapping[int, str], num_classes: int) -> dict[int, str]:
+  """Ids 0 .. num_classes - 1 with their names: 0 is "background", an id `named` lacks is
+  "class_K"."""
+  return {k: "background" if k == 0 else named.get(k, f"class_{k}") for k in range(num_classes)}
+
+
 def read_dataset_json(data_dir: str | os.PathLike) -> dict[int, str] | None:
   """The label table of `data_dir/dataset.json`, or None when the folder has no such file.
 

@@ -15,7 +15,8 @@ from typing import Sequence
 
 import numpy as np
 
-from acis_jax.data.dataset import Case, write_dataset_json
+from acis_jax.data.dataset import Case
+from acis_jax.data.nnunet import write_dataset_json
 from acis_jax.data.nifti import save_nifti
 
 PHANTOM_LABELS = {
@@ -102,6 +103,6 @@ def phantom_case(
   image_path = save_nifti(
       root / "imagesTr" / f"{name}.nii.gz", np.round(hu), affine, dtype=np.int16)
   label_path = save_nifti(root / "labelsTr" / f"{name}.nii.gz", labels, affine)
-  write_dataset_json(root, PHANTOM_LABELS)
+  write_dataset_json(root, PHANTOM_LABELS, num_training=1)
   return Case(name=name, image_path=image_path, label_path=label_path,
               label_names=tuple(PHANTOM_LABELS.items()))

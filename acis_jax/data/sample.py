@@ -41,7 +41,8 @@ import nibabel as nib
 import numpy as np
 import scipy.ndimage as ndi
 
-from acis_jax.data.dataset import Case, write_dataset_json
+from acis_jax.data.dataset import Case
+from acis_jax.data.nnunet import write_dataset_json
 from acis_jax.data.nifti import Volume, axial_axis, save_nifti
 from acis_jax.data.preprocess import check_same_grid, resample_to
 
@@ -273,7 +274,7 @@ def _cached_case(root: Path, name: str, build, label_names: dict[int, str] | Non
     save_nifti(case.label_path, labels.array, labels.affine)
     save_nifti(case.image_path, image.array, image.affine)
   if label_names and not (root / "dataset.json").is_file():
-    write_dataset_json(root, label_names)
+    write_dataset_json(root, label_names, num_training=1)
   return case
 
 

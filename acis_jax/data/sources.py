@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from acis_jax.data.dataset import Case, check_label_map, find_cases
-from acis_jax.data.labels import select_classes
+from acis_jax.data.labels import full_table, select_classes
 from acis_jax.data.nifti import Volume, as_ras, axial_axis, load_nifti
 from acis_jax.data.phantom import PHANTOM_LABELS, PHANTOM_SPACING_MM, chest_phantom
 from acis_jax.data.preprocess import check_same_grid, preprocess_case
@@ -122,6 +122,32 @@ def _raw_cases(data: Any) -> list[tuple[str, Volume, Volume | None]]:
   return triples
 
 
+def label_table(data: Any) -> dict[int, str]:
+  """What the run's label ids mean, `{0: "background", 1: ..., num_classes - 1: ...}` (empty
+  for a label-free run): `data.classes` when given, else the first case's table; an id that
+  no table names is called `class_K`."""
+  if not data.num_classes:
+    return {}
+  if data.classes:
+    named = dict(enumerate(data.classes, 1))
+  elif data.sample == "phantom" and not data.data_dir:
+    named = PHANTOM_LABELS
+  else:
+    named = dict(_source_cases(data)[0].label_names)
+  return full_table(named, data.num_classes)
+
+
+def slice_name(volume: str, index: int) -> str:
+  """The name of axial slice `index` of case `volume` in a 2-D run."""
+  return f"{volume}_z{index:03d}"
+
+
+def parse_slice_name(name: str) -> tuple[str, int] | None:
+  """(volume, index) of a name `slice_name` made, None for any other name."""
+  volume, _, index = name.rpartition("_z")
+  return (volume, int(index)) if volume and index.isdigit() else None
+
+
 def load_examples(data: Any) -> list[Example]:
   """Loads and preprocesses the examples that `data` (a config section) names.
 
@@ -140,13 +166,13 @@ def load_examples(data: Any) -> list[Example]:
       pairs = [(name, image, label)]
     elif image.array.ndim == 3 and len(shape) == 2:
       depth = image.array.shape[axial_axis(image.affine)]
-      pairs = [(f"{name}_z{index:03d}", axial_slice(image, index),
+      pairs = [(slice_name(name, index), axial_slice(image, index),
                 None if label is None else axial_slice(label, index))
                for index in slice_indices(depth, data.num_slices, tuple(data.slice_band))]
     else:
       raise ValueError(f"{image.path or name}: a {image.array.ndim}-D image cannot feed a "
                        f"{len(shape)}-D run (data.image_shape={shape})")
-    for slice_name, slice_image, slice_label in pairs:
+    for example_name, slice_image, slice_label in pairs:
       image_out, label_out = preprocess_case(slice_image, slice_label, shape)
-      examples.append(Example(slice_name, image_out, label_out))
+      examples.append(Example(example_name, image_out, label_out))
   return examples

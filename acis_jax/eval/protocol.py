@@ -72,7 +72,7 @@ from flax import nnx
 from acis_jax.data.augment import AugmentParams, downstream_augment
 from acis_jax.data.nifti import load_nifti
 from acis_jax.data.preprocess import window_hu
-from acis_jax.data.sources import Example, cases_digest, load_examples
+from acis_jax.data.sources import Example, cases_digest, load_examples, parse_slice_name
 from acis_jax.eval import downstream, report
 from acis_jax.eval.recon_nets import ESRT, REDCNN, ResNet
 from acis_jax.eval.seg_nets import MedNeXt, SegUNet
@@ -106,12 +106,12 @@ def _with_band(data: Any, band: Sequence[float], num_slices: int) -> ml_collecti
 
 def _slice_key(example: Example) -> tuple[str, int]:
   """(volume name, axial index) of a slice named `<volume>_z<index>` by `load_examples`."""
-  volume, _, index = example.name.rpartition("_z")
-  if not (volume and index.isdigit()):
+  key = parse_slice_name(example.name)
+  if key is None:
     raise ValueError(f"{example.name}: a 2-D evaluation splits axial slices of 3-D volumes by "
                      "position, and this case is not such a slice (2-D source images have no "
                      "axial position to split by)")
-  return volume, int(index)
+  return key
 
 
 def _patient(example: Example, is_2d: bool) -> str:
@@ -198,18 +198,6 @@ def few_shot_subset(pool: Sequence[Example], n: int) -> list[Example]:
 # Synthetic data
 
 
-def _synthetic_files(folder: str, count: int, labelled: bool) -> list[tuple[str, str | None]]:
-  names = [f"synth_{i:04d}.nii.gz" for i in range(count)]
-  return [(os.path.join(folder, "imagesTr", name),
-           os.path.join(folder, "labelsTr", name) if labelled else None) for name in names]
-
-
-def synthetic_complete(folder: str, count: int, labelled: bool) -> bool:
-  """Whether `folder` holds the `count` pairs synth_0000.. that `synthesize` writes."""
-  return all(os.path.isfile(image) and (label is None or os.path.isfile(label))
-             for image, label in _synthetic_files(folder, count, labelled))
-
-
 def load_synthetic(folder: str, count: int, config) -> tuple[np.ndarray, np.ndarray | None]:
   """The first `count` synthetic pairs of `folder`.
 
@@ -220,7 +208,7 @@ def load_synthetic(folder: str, count: int, config) -> tuple[np.ndarray, np.ndar
   shape = tuple(config.data.image_shape)
   num_classes = config.data.num_classes
   images, labels = [], []
-  for image_path, label_path in _synthetic_files(folder, count, num_classes > 0):
+  for image_path, label_path in synthesize.synthetic_files(folder, count, num_classes > 0):
     image = load_nifti(image_path).array
     if image.shape != shape:
       raise ValueError(f"{image_path}: synthetic image of shape {image.shape}, but "
@@ -245,7 +233,7 @@ def ensure_synthetic(config, workdir: str, n: int, examples: list[Example]) -> W
   root = Workdir(workdir).synthesizer(n)
   count, labelled = config.synthesize.num_samples, config.data.num_classes > 0
   folders = [root.synthetic(arm) for arm in SYNTHETIC_FOLDERS]
-  if all(synthetic_complete(f, count, labelled) for f in folders):
+  if all(synthesize.synthetic_complete(f, count, labelled) for f in folders):
     return root
   if not config.evaluate.train_synthesizer:
     raise ValueError(f"{root.root}: the synthetic folders {list(SYNTHETIC_FOLDERS.values())} lack "

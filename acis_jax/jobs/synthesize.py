@@ -1,13 +1,14 @@
 """mode = "synthesize": synthetic image-annotation pairs from the trained generators.
 
-Writes `config.synthesize.num_samples` pairs in the nnU-Net layout into the work
-directory's synthetic folder (`acis_jax.workdir`): imagesTr/synth_NNNN.nii.gz (HU, int16,
-the inverse of the training window) and labelsTr/synth_NNNN.nii.gz (uint8 labels; none in
-label-free runs), on the training grid (affine of the first training example), plus
-contact_sheet.png. With `synthesize.unrefined` it also writes ACIS- (the generators before
-refinement) from the same latents and dropout keys, so that pair k of ACIS and pair k of
-ACIS- differ only by the refinement. Each folder is written aside and swapped in whole, so
-it never mixes two runs.
+Writes `config.synthesize.num_samples` pairs into the work directory's synthetic folder
+(`acis_jax.workdir`) as an nnU-Net v2 raw dataset (`acis_jax.data.nnunet`):
+imagesTr/synth_NNNN_0000.nii.gz (HU, int16, the inverse of the training window),
+labelsTr/synth_NNNN.nii.gz (uint8 labels) and dataset.json with the training data's label
+names (label-free runs: images only, no dataset.json), on the training grid (affine of the
+first training example), plus contact_sheet.png. With `synthesize.unrefined` it also writes
+ACIS- (the generators before refinement) from the same latents and dropout keys, so that pair k
+of ACIS and pair k of ACIS- differ only by the refinement. Each folder is written aside and
+swapped in whole, so it never mixes two runs.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from absl import logging
 import jax
 import numpy as np
 
+from acis_jax.data.labels import full_table
 from acis_jax.data.nifti import save_nifti
+from acis_jax.data.nnunet import image_file, label_file, write_dataset_json
 from acis_jax.data.preprocess import unwindow_hu
 from acis_jax.rng import stream_key
 from acis_jax.train.networks import load_network
@@ -27,6 +30,27 @@ from acis_jax.train.stages import generator_sources
 from acis_jax.train.trainer import make_chain, model_fingerprint
 from acis_jax.viz import contact_sheet
 from acis_jax.workdir import Workdir, replaced_folder
+
+
+def run_labels(grid: dict, num_classes: int) -> dict[int, str]:
+  """The label table `train` recorded in the grid (runs from before it was recorded: class_K)."""
+  return full_table({int(k): v for k, v in grid.get("labels", {}).items()}, num_classes)
+
+
+def synthetic_name(index: int) -> str:
+  return f"synth_{index:04d}"
+
+
+def synthetic_files(folder: str, count: int, labelled: bool) -> list[tuple[str, str | None]]:
+  names = [synthetic_name(i) for i in range(count)]
+  return [(str(image_file(folder, name)), str(label_file(folder, name)) if labelled else None)
+          for name in names]
+
+
+def synthetic_complete(folder: str, count: int, labelled: bool) -> bool:
+  """Whether `folder` holds the `count` pairs synth_0000.. that `synthesize` writes."""
+  return all(os.path.isfile(image) and (label is None or os.path.isfile(label))
+             for image, label in synthetic_files(folder, count, labelled))
 
 
 def make_sampler(config):
@@ -37,7 +61,8 @@ def make_sampler(config):
 
 
 def write_pairs(config, workdir: Workdir, arm: str) -> None:
-  affine = np.asarray(workdir.read_grid()["affine"])
+  grid = workdir.read_grid()
+  affine = np.asarray(grid["affine"])
   # Every process takes part in orbax's restore; process 0 alone samples and writes.
   params = {name: load_network(workdir, stage, name, config)
             for name, stage in generator_sources(config, refined=arm == "acis").items()}
@@ -54,17 +79,19 @@ def write_pairs(config, workdir: Workdir, arm: str) -> None:
       masks, labels, images = jax.device_get(
           sample(params, jax.random.fold_in(key, start), size=size))
       for i in range(size):
-        name = f"synth_{start + i:04d}"
+        name = synthetic_name(start + i)
         hu = np.round(unwindow_hu(images[i, ..., 0])).astype(np.int16)
-        save_nifti(os.path.join(out_dir, "imagesTr", f"{name}.nii.gz"), hu, affine)
+        save_nifti(image_file(out_dir, name), hu, affine)
         if labels is not None:
-          save_nifti(os.path.join(out_dir, "labelsTr", f"{name}.nii.gz"),
-                     labels[i].astype(np.uint8), affine)
+          save_nifti(label_file(out_dir, name), labels[i].astype(np.uint8), affine)
         if len(sheet) < 6:
           sheet.append((name, masks[i, ..., 0], None if labels is None else labels[i],
                         images[i, ..., 0]))
       logging.info("[synthesize %s] %d/%d pairs made", arm.upper(), start + size,
                    settings.num_samples)
+    if config.data.num_classes:
+      write_dataset_json(out_dir, run_labels(grid, config.data.num_classes),
+                         settings.num_samples, f"acis-jax {arm.upper()} synthetic pairs")
     contact_sheet(os.path.join(out_dir, "contact_sheet.png"), sheet, affine,
                   title=f"{arm.upper()}: synthetic pairs")
   logging.info("[synthesize %s] wrote %s", arm.upper(), final)

@@ -23,7 +23,7 @@ import optax
 
 from acis_jax.data.augment import AugmentParams
 from acis_jax.data.patches import check_patch_shape
-from acis_jax.data.sources import Example, cases_digest, load_examples
+from acis_jax.data.sources import Example, cases_digest, label_table, load_examples
 from acis_jax.pseudomask import PseudoMaskParams
 from acis_jax.rng import numpy_rng, step_key
 from acis_jax.train import parallel, steps
@@ -35,6 +35,7 @@ from acis_jax.train.progress import Progress
 from acis_jax.train.stage_checkpoints import StageCheckpoints
 from acis_jax.train.stages import REFINE, Stage, stages
 from acis_jax.train.state import TrainState
+from acis_jax.stops import Stopped, StopRequest, stops_deferred
 from acis_jax.workdir import Workdir
 
 
@@ -187,22 +188,12 @@ def _resume(stage: Stage, config, workdir: Workdir, ctx, checkpoints: StageCheck
   return 0, parallel.replicate(fresh_state(stage, config, ctx, start_params), mesh)
 
 
-def run_stage(stage: Stage, config, workdir: Workdir, data: TrainingData, mesh) -> None:
-  """Trains one stage to its total step count, resuming from its checkpoints."""
-  if workdir.stage_done(stage.name):
-    logging.info("[%s] already trained; skipping", stage.name)
-    return
-  ctx = step_context(config, stage)
-  checkpoints = StageCheckpoints(workdir.checkpoints(stage.name),
-                                 keep=config.train.keep_checkpoints)
-  start, state = _resume(stage, config, workdir, ctx, checkpoints, mesh)
-  frozen = parallel.replicate(
-      {n: load_network(workdir, s, n, config) for n, s in stage.frozen.items()}, mesh)
-  logging.info("[%s] %s", stage.name, ", ".join(
-      f"{n} {parameter_count(state.params[n]):,} parameters" for n in stage.trained))
+def _run_steps(stage: Stage, config, ctx, data: TrainingData, mesh, start: int, state, frozen,
+               progress: Progress, checkpoints: StageCheckpoints, stop: StopRequest):
+  """Steps `start` .. the stage's end, or up to the step at which a stop was asked for (then
+  checkpointed); returns (state, steps done)."""
   replicated = parallel.replicated(mesh)
-  progress = Progress(workdir.metrics, stage.name, start, stage.total_steps)
-  phase_end = 0
+  done, phase_end = start, 0
   for steps_in_phase, factory in stage.phases:
     phase_start, phase_end = phase_end, phase_end + steps_in_phase
     if start >= phase_end:
@@ -221,8 +212,9 @@ def run_stage(stage: Stage, config, workdir: Workdir, data: TrainingData, mesh) 
       state, metrics = step_fn(state, frozen, batch, key)
       done = step + 1
       pending.append((done, metrics))
-      log = done % config.train.log_every == 0 or done == stage.total_steps
-      save = done % config.train.checkpoint_every == 0 or done == stage.total_steps
+      stopping = stop.signum is not None
+      log = done % config.train.log_every == 0 or done == stage.total_steps or stopping
+      save = done % config.train.checkpoint_every == 0 or done == stage.total_steps or stopping
       if not (log or save):
         continue
       for at, values in jax.device_get(pending):
@@ -236,12 +228,41 @@ def run_stage(stage: Stage, config, workdir: Workdir, data: TrainingData, mesh) 
               f"stage '{stage.name}', step {done}: non-finite parameters; stopped before "
               "saving, so the last checkpoint is the last good state")
         checkpoints.save(done, state)
-  checkpoints.close()
-  for network in stage.trained:
-    save_state(workdir.network(stage.name, network), state.params[network], force=True)
-  if jax.process_index() == 0:
-    workdir.mark_done(stage.name, stage.total_steps)
-  logging.info("[%s] finished (%d steps)", stage.name, stage.total_steps)
+      if stopping:
+        return state, done
+  return state, done
+
+
+def run_stage(stage: Stage, config, workdir: Workdir, data: TrainingData, mesh) -> None:
+  """Trains one stage to its total step count, resuming from its checkpoints."""
+  if workdir.stage_done(stage.name):
+    logging.info("[%s] already trained; skipping", stage.name)
+    return
+  ctx = step_context(config, stage)
+  checkpoints = StageCheckpoints(workdir.checkpoints(stage.name),
+                                 keep=config.train.keep_checkpoints)
+  start, state = _resume(stage, config, workdir, ctx, checkpoints, mesh)
+  frozen = parallel.replicate(
+      {n: load_network(workdir, s, n, config) for n, s in stage.frozen.items()}, mesh)
+  logging.info("[%s] %s", stage.name, ", ".join(
+      f"{n} {parameter_count(state.params[n]):,} parameters" for n in stage.trained))
+  progress = Progress(workdir.metrics, stage.name, start, stage.total_steps)
+  with stops_deferred() as stop:
+    state, done = _run_steps(stage, config, ctx, data, mesh, start, state, frozen, progress,
+                             checkpoints, stop)
+    checkpoints.close()
+    finished = done == stage.total_steps
+    if finished:
+      for network in stage.trained:
+        save_state(workdir.network(stage.name, network), state.params[network], force=True)
+      if jax.process_index() == 0:
+        workdir.mark_done(stage.name, stage.total_steps)
+      logging.info("[%s] finished (%d steps)", stage.name, stage.total_steps)
+    if stop.signum is not None:
+      raise Stopped(stop.signum, f"[{stage.name}] " + (
+          "finished; the same command goes on with the next stage" if finished else
+          f"checkpoint of step {done}/{stage.total_steps} saved in {checkpoints.directory}; "
+          "the same command resumes from it"))
 
 
 def train(config, workdir: str, examples: list[Example] | None = None) -> None:
@@ -261,6 +282,7 @@ def train(config, workdir: str, examples: list[Example] | None = None) -> None:
     if lead:
       workdir.claim(fingerprint, json.loads(config.to_json()), {
           "affine": data.affine.tolist(), "image_shape": list(data.images.shape[1:-1]),
-          "num_classes": config.data.num_classes, "cases": list(data.names)})
+          "num_classes": config.data.num_classes, "cases": list(data.names),
+          "labels": {str(k): v for k, v in label_table(config.data).items()}})
     for stage in stages(config):
       run_stage(stage, config, workdir, data, mesh)

@@ -58,7 +58,7 @@ def write_fake_synthetic(folder, seed, shape=SHAPE):
   hus = []
   for i in range(M):
     hu = rng.integers(-1200, 800, shape).astype(np.int16)  # beyond the window: clipped
-    save_nifti(folder / "imagesTr" / f"synth_{i:04d}.nii.gz", hu, np.eye(4))
+    save_nifti(folder / "imagesTr" / f"synth_{i:04d}_0000.nii.gz", hu, np.eye(4))
     save_nifti(folder / "labelsTr" / f"synth_{i:04d}.nii.gz",
                rng.integers(0, NUM_CLASSES, shape).astype(np.uint8), np.eye(4))
     hus.append(hu)
@@ -181,7 +181,7 @@ def test_synthetic_folders_are_checked(tmp_path):
   synth = workdir / f"synth_n{N}"
   write_fake_synthetic(synth / "synthetic", seed=1, shape=(16, 16))
   write_fake_synthetic(synth / "synthetic_unrefined", seed=2)
-  with pytest.raises(ValueError, match=r"synthetic/imagesTr/synth_0000.nii.gz: synthetic image "
+  with pytest.raises(ValueError, match=r"synthetic/imagesTr/synth_0000_0000.nii.gz: synthetic image "
                                        r"of shape \(16, 16\)"):
     protocol.run(config, str(workdir))
 

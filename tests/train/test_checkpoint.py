@@ -75,3 +75,28 @@ def test_plain_pytrees_overwrite_and_missing_path(tmp_path):
   np.testing.assert_array_equal(restored["b"]["c"], tree["b"]["c"] + 1)
   with pytest.raises(FileNotFoundError, match="no checkpoint"):
     restore_state(tmp_path / "absent", tree)
+
+
+@pytest.mark.parametrize("damage", ["data", "index"])
+def test_a_damaged_network_folder_names_the_network_and_how_to_rebuild_it(tmp_path, damage):
+  import pathlib
+  import sys
+  sys.path.insert(0, str(pathlib.Path(__file__).parents[2] / "experiments"))
+  import smoke
+  from acis_jax.train.networks import abstract_params, load_network
+  from acis_jax.workdir import Workdir
+
+  config, workdir = smoke.get_config(), Workdir(tmp_path)
+  _, abstract = abstract_params("image_generator", config)
+  folder = pathlib.Path(workdir.network("images", "image_generator"))
+  save_state(folder, jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract))
+  for path in folder.rglob("*"):
+    if damage == "data" and path.is_file() and path.parent.name == "d":
+      path.write_bytes(b"\0" * 10)
+    if damage == "index" and path.name == "manifest.ocdbt":
+      path.unlink()
+  with pytest.raises(ValueError) as error:
+    load_network(workdir, "images", "image_generator", config)
+  message = str(error.value)
+  assert "the image_generator network of stage 'images'" in message
+  assert f"delete {workdir.done_marker('images')}" in message

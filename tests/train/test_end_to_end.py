@@ -1,4 +1,5 @@
-"""smoke.py end to end: killed mid-stage with SIGKILL, re-run, finished, synthesized."""
+"""smoke.py end to end: killed mid-stage with SIGKILL, re-run, stopped with Ctrl-C, re-run,
+finished, synthesized, exported as an nnU-Net dataset."""
 
 import json
 import os
@@ -9,6 +10,9 @@ import time
 
 import nibabel as nib
 import numpy as np
+
+from acis_jax.data import nnunet
+from acis_jax.data.phantom import PHANTOM_LABELS
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SMOKE_STEPS = {"masks": 4, "images": 5, "registration": 4, "refine": 3}  # experiments/smoke.py
@@ -41,12 +45,24 @@ def test_sigkill_mid_stage_then_rerun_finishes_with_the_right_steps(tmp_path):
   first_log.close()
   assert not (tmp_path / "networks" / "images" / "DONE").exists()
 
-  second = subprocess.run(main_command(tmp_path), cwd=REPO, env=ENV, capture_output=True,
-                          text=True, timeout=900)
-  assert second.returncode == 0, second.stderr[-3000:]
-  log = second.stderr
+  # Ctrl-C in a later stage: a checkpoint of the step it was at, one line, exit 130.
+  second_log = open(tmp_path / "second_run.log", "w")
+  second = subprocess.Popen(main_command(tmp_path), cwd=REPO, env=ENV, stdout=second_log,
+                            stderr=subprocess.STDOUT)
+  wait_for(tmp_path / "checkpoints" / "registration" / "2", second, tmp_path / "second_run.log")
+  second.send_signal(signal.SIGINT)
+  assert second.wait(timeout=300) == 130
+  second_log.close()
+  log = (tmp_path / "second_run.log").read_text()
   assert "[masks] already trained; skipping" in log
   assert "[images] resuming from step" in log
+  assert "stopped by SIGINT: [" in log and "the same command" in log
+  assert "Traceback" not in log, log[-3000:]
+  assert not list((tmp_path / "checkpoints").glob("*/*tmp*"))  # no half-written checkpoint
+
+  third = subprocess.run(main_command(tmp_path), cwd=REPO, env=ENV, capture_output=True,
+                         text=True, timeout=900)
+  assert third.returncode == 0, third.stderr[-3000:]
 
   for stage, steps in SMOKE_STEPS.items():
     done = json.loads((tmp_path / "networks" / stage / "DONE").read_text())
@@ -61,8 +77,9 @@ def test_sigkill_mid_stage_then_rerun_finishes_with_the_right_steps(tmp_path):
   grid = json.loads((tmp_path / "networks" / "grid.json").read_text())
   images = sorted((tmp_path / "synthetic" / "imagesTr").iterdir())
   labels = sorted((tmp_path / "synthetic" / "labelsTr").iterdir())
-  assert [p.name for p in images] == [p.name for p in labels] == [
-      f"synth_{i:04d}.nii.gz" for i in range(4)]
+  assert [p.name for p in images] == [f"synth_{i:04d}_0000.nii.gz" for i in range(4)]
+  assert [p.name for p in labels] == [f"synth_{i:04d}.nii.gz" for i in range(4)]
+  assert nnunet.check_dataset(tmp_path / "synthetic") == []
   for image_path, label_path in zip(images, labels):
     image, label = nib.load(image_path), nib.load(label_path)
     assert image.shape == label.shape == (32, 32)
@@ -73,3 +90,24 @@ def test_sigkill_mid_stage_then_rerun_finishes_with_the_right_steps(tmp_path):
     classes = np.asarray(label.dataobj)
     assert classes.dtype == np.uint8 and classes.max() < 6
   assert (tmp_path / "synthetic" / "contact_sheet.png").stat().st_size > 10_000
+
+  # The export: the real phantom slice and the 4 pairs, one nnU-Net dataset.
+  foreign = tmp_path / "nnunet" / "Dataset502_Theirs"
+  foreign.mkdir(parents=True)
+  export = main_command(tmp_path) + ["--config.mode=export"]
+  refused = subprocess.run(export + ["--config.export.dataset_id=502"], cwd=REPO, env=ENV,
+                           capture_output=True, text=True, timeout=300)
+  assert refused.returncode != 0 and "already use dataset id 502" in refused.stderr
+  assert list(foreign.iterdir()) == []
+  for _ in range(2):  # the second export replaces the first
+    exported = subprocess.run(export, cwd=REPO, env=ENV, capture_output=True, text=True,
+                              timeout=300)
+    assert exported.returncode == 0, exported.stderr[-3000:]
+  dataset = tmp_path / "nnunet" / "Dataset501_ACIS"
+  assert nnunet.check_dataset(dataset) == []
+  description = json.loads((dataset / "dataset.json").read_text())
+  assert description["labels"] == {name: i for i, name in PHANTOM_LABELS.items()}
+  assert description["numTraining"] == 5
+  assert "no splits_final.json" in exported.stderr  # one real case fills no folds
+  real = [p.name for p in (dataset / "imagesTr").iterdir() if not p.name.startswith("synth_")]
+  assert real == ["phantom_0000.nii.gz"]
