@@ -17,6 +17,7 @@ from acis_jax.defaults import check_config
 from acis_jax.stops import Stopped, stops_raise
 from acis_jax.train.parallel import maybe_initialize_distributed
 from acis_jax.train.progress import show_progress_logs
+from acis_jax.workdir import DISK_ERRORS
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for outputs and checkpoints.")
@@ -75,6 +76,13 @@ def main(argv):
     except Stopped as stop:
       logging.error("%s", stop)
       sys.exit(stop.exit_code)
+    except OSError as error:
+      if error.errno not in DISK_ERRORS:
+        raise
+      # Ours name the path and what was being written; others have the path in `filename`.
+      logging.error("%s", f"{error.filename}: {error.strerror}" if error.filename
+                    else error.strerror)
+      sys.exit(1)
 
 
 def parse_flags(argv: list[str]) -> list[str]:

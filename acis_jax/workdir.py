@@ -28,6 +28,7 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
+import glob
 import json
 import os
 import shutil
@@ -57,6 +58,39 @@ def write_json_atomically(path: str | os.PathLike, value: Any) -> None:
     with contextlib.suppress(FileNotFoundError):
       os.remove(tmp)
     raise
+
+
+# What a full, read-only or forbidden disk raises; `main` reports these in one line.
+DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG)
+
+
+def disk_error_code(error: BaseException) -> int | None:
+  """The errno of a full, read-only or forbidden disk behind `error`, else None; orbax's
+  tensorstore reports a full disk as a ValueError saying RESOURCE_EXHAUSTED."""
+  if isinstance(error, OSError) and error.errno in DISK_ERRORS:
+    return error.errno
+  if "RESOURCE_EXHAUSTED" in str(error) or "No space left" in str(error):
+    return errno.ENOSPC
+  return None
+
+
+def check_free_space(folder: str | os.PathLike, needed_bytes: int, what: str) -> None:
+  """Refuses (OSError ENOSPC) to start writing `what`, about `needed_bytes`, where the disk
+  under `folder` has less free, so that a full disk does not leave a half-written file."""
+  probe = os.path.abspath(os.fspath(folder))
+  while not os.path.exists(probe):
+    probe = os.path.dirname(probe)
+  free = shutil.disk_usage(probe).free
+  if free < needed_bytes:
+    raise OSError(errno.ENOSPC, f"{folder}: writing {what} needs about "
+                  f"{needed_bytes / 1e6:.1f} MB, the disk has {free / 1e6:.1f} MB free; free "
+                  "some space or use another --workdir")
+
+
+def remove_unfinished(folder: str | os.PathLike, pattern: str = "*.orbax-checkpoint-tmp*") -> None:
+  """Removes what an interrupted orbax save left in `folder` (its temporary folders)."""
+  for path in glob.glob(os.path.join(os.fspath(folder), pattern)):
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -167,9 +201,13 @@ class Workdir:
     The lock is an `flock` on WORKDIR/.lock, which the kernel releases when its holder dies,
     so a lock left by a killed process is simply taken over.
     """
-    os.makedirs(self.root, exist_ok=True)
     path = self.path(LOCK_FILE)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      os.makedirs(self.root, exist_ok=True)
+      fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as error:
+      raise OSError(error.errno, f"{self.root}: cannot write the work directory "
+                    f"({error.strerror}); use a writable --workdir") from error
     try:
       try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

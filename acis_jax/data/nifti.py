@@ -165,6 +165,8 @@ def save_nifti(
     with open(temporary, "rb") as f:
       os.fsync(f.fileno())
     os.replace(temporary, path)
+  except OSError as error:  # named by the file meant, not the temporary one
+    raise OSError(error.errno, f"{path}: cannot be written ({error.strerror})") from error
   finally:
     temporary.unlink(missing_ok=True)
   return path

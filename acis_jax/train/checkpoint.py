@@ -17,6 +17,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from acis_jax.workdir import check_free_space, disk_error_code, remove_unfinished
+
 # How many mismatching arrays a restore error lists before "and N more".
 _MAX_LISTED = 8
 
@@ -44,9 +46,24 @@ def save_state(path: str | os.PathLike, state: Any, *, force: bool = False) -> N
 
   Raises orbax's error if `path` exists, unless `force=True` (then it is replaced).
   """
-  with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(os.path.abspath(path), state, force=force)
-    checkpointer.wait_until_finished()
+  path = os.path.abspath(path)
+  check_free_space(os.path.dirname(path), 2 * state_bytes(state), f"the network {path}")
+  try:
+    with ocp.StandardCheckpointer() as checkpointer:
+      checkpointer.save(path, state, force=force)
+      checkpointer.wait_until_finished()
+  except (OSError, ValueError) as error:
+    remove_unfinished(os.path.dirname(path), os.path.basename(path) + ".orbax-checkpoint-tmp*")
+    code = disk_error_code(error)
+    if code is None:
+      raise
+    raise OSError(code, f"{path}: the network could not be written ({os.strerror(code)})"
+                  ) from error
+
+
+def state_bytes(state: Any) -> int:
+  """The bytes of the arrays of `state`, what a checkpoint of it holds."""
+  return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(state))
 
 
 def restore_state(path: str | os.PathLike, abstract_state: Any) -> Any:

@@ -16,11 +16,16 @@ import jax
 
 
 def _ours_or_warning(record: py_logging.LogRecord) -> bool:
+  if "/orbax/" in record.pathname and record.exc_info:
+    # orbax's background threads log the traceback of a failed save; the save's caller
+    # re-raises that error with the folder named (acis_jax.train.stage_checkpoints).
+    record.exc_info, record.exc_text = None, None
   return record.levelno >= py_logging.WARNING or "acis_jax" in record.pathname
 
 
 def show_progress_logs() -> None:
-  """INFO lines of acis_jax and every library's warnings; libraries' INFO chatter dropped.
+  """INFO lines of acis_jax and every library's warnings, orbax's without tracebacks;
+  libraries' INFO chatter dropped.
 
   The filter sits on the "absl" logger (where absl.logging, hence orbax, writes),
   so it also works in notebooks, whose handlers are not absl's.

@@ -8,13 +8,15 @@ checkpoints belong to this run is the work directory's fingerprint's business
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
 from absl import logging
 import orbax.checkpoint as ocp
 
-from acis_jax.train.checkpoint import check_matches
+from acis_jax.train.checkpoint import check_matches, state_bytes
+from acis_jax.workdir import check_free_space, disk_error_code, remove_unfinished
 
 
 class StageCheckpoints:
@@ -35,7 +37,26 @@ class StageCheckpoints:
     return self.manager.latest_step() or 0
 
   def save(self, step: int, state: Any) -> None:
-    self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
+    """Starts saving `state` as `step` (orbax writes in the background)."""
+    check_free_space(self.directory, 2 * state_bytes(state), f"the checkpoint of step {step}")
+    with self._failing_writes():  # also where the previous save's error surfaces
+      self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
+
+  @contextlib.contextmanager
+  def _failing_writes(self):
+    """An OSError of a save said with the folder, the unfinished checkpoint removed."""
+    try:
+      yield
+    except (OSError, ValueError) as error:
+      with contextlib.suppress(Exception):  # let orbax's threads end before the error goes up
+        self.manager.close()
+      remove_unfinished(self.directory)
+      code = disk_error_code(error)
+      if code is None:
+        raise
+      raise OSError(code, f"{self.directory}: a checkpoint could not be written "
+                    f"({os.strerror(code)}); the finished ones are kept, and the same command "
+                    "resumes from the latest") from error
 
   def restore(self, step: int, abstract_state: Any) -> Any:
     """The state saved at `step`, shaped like `abstract_state` (ValueError if unreadable)."""
@@ -80,5 +101,6 @@ class StageCheckpoints:
     return 0, None
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    with self._failing_writes():
+      self.manager.wait_until_finished()
+      self.manager.close()
