@@ -125,6 +125,29 @@ def check_label_map(label: Volume, *, require_foreground: bool = True) -> Volume
   return Volume(array.astype(dtype), label.affine, label.path)
 
 
+def warn_if_not_ct(image: Volume) -> None:
+  """Warns about an image that loads but is almost certainly not a CT in HU: constant, all
+  air, 8-bit, no negative values (stored values without the rescale to HU?) or a range of a
+  few units (already normalised?). Training goes on: the user decides."""
+  array = image.array
+  name = image.path or "image"
+  low, high = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
+  if low == high:
+    logging.warning("%s: the image is constant (%g everywhere)", name, low)
+  elif array.dtype in (np.int8, np.uint8):
+    logging.warning("%s: %s values in [%g, %g]: CT in HU needs at least int16 (air -1000, "
+                    "bone > 1000); is this a CT in HU?", name, array.dtype, low, high)
+  elif high - low < 50:
+    logging.warning("%s: values span only [%g, %g]; CT in HU spans about -1000 (air) to "
+                    "> 1000 (bone): already normalised?", name, low, high)
+  elif low >= 0:
+    logging.warning("%s: no negative values (range [%g, %g]); CT in HU has air at -1000: "
+                    "stored values without the rescale to HU (often HU = value - 1024)?",
+                    name, low, high)
+  elif np.mean(array > -900) < 0.001:
+    logging.warning("%s: all air (fewer than 0.1%% of voxels above -900 HU)", name)
+
+
 def load_case(
     case: Case, shape: Sequence[int] | None, *, require_labels: bool = True
 ) -> tuple[Volume, Volume | None]:
@@ -140,6 +163,7 @@ def load_case(
     label on different grids, or a `shape` whose rank differs from the image's.
   """
   image = load_nifti(case.image_path)
+  warn_if_not_ct(image)
   label = None
   if case.label_path is not None:
     label = check_label_map(load_nifti(case.label_path), require_foreground=require_labels)

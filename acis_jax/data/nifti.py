@@ -13,6 +13,7 @@ import zlib
 from pathlib import Path
 from typing import Sequence
 
+from absl import logging
 import nibabel as nib
 import numpy as np
 import numpy.typing as npt
@@ -96,6 +97,10 @@ def load_nifti(path: str | os.PathLike, *, allow_ndim: Sequence[int] = (2, 3)) -
     array = np.asanyarray(image.dataobj)
   except (nib.filebasedimages.ImageFileError, OSError, EOFError, zlib.error) as e:
     raise ValueError(f"{path}: cannot read as NIfTI ({type(e).__name__}: {e})") from e
+  if not (int(image.header["qform_code"]) or int(image.header["sform_code"])):
+    logging.warning("%s: neither qform nor sform is set, so the file does not say where its "
+                    "voxels are; nibabel's stand-in (voxel sizes, no orientation or origin) is "
+                    "used, and every file written from it carries that geometry", path)
   while array.ndim > max(allow_ndim) and array.shape[-1] == 1:
     array = array[..., 0]
   if array.ndim not in allow_ndim:

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from acis_jax.data.dataset import Case, check_label_map, find_cases
+from acis_jax.data.dataset import Case, check_label_map, find_cases, warn_if_not_ct
 from acis_jax.data.labels import full_table, select_classes
 from acis_jax.data.nifti import Volume, as_ras, axial_axis, load_nifti
 from acis_jax.data.phantom import PHANTOM_LABELS, PHANTOM_SPACING_MM, chest_phantom
@@ -113,6 +113,7 @@ def _raw_cases(data: Any) -> list[tuple[str, Volume, Volume | None]]:
   triples = []
   for case in cases:
     image = load_nifti(case.image_path)
+    warn_if_not_ct(image)
     label = None
     if case.label_path:
       label = check_label_map(load_nifti(case.label_path), require_foreground=data.require_labels)
