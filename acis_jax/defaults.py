@@ -71,6 +71,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.train.registration_learning_rate = 1e-4
   config.train.log_every = 50
   config.train.checkpoint_every = 500
+  config.train.image_every = 500   # TensorBoard sample images every this many steps; 0 = none
   config.train.keep_checkpoints = 2
 
   config.refine = ml_collections.ConfigDict()
@@ -110,7 +111,7 @@ def base_config() -> ml_collections.ConfigDict:
 _AT_LEAST = {
     "data.num_classes": 0, "data.max_cases": 0, "data.num_slices": 1,
     "train.batch_size": 1, "train.n_critic": 1, "train.log_every": 1,
-    "train.checkpoint_every": 1, "train.keep_checkpoints": 1,
+    "train.checkpoint_every": 1, "train.keep_checkpoints": 1, "train.image_every": 0,
     "train.masks_steps": 0, "train.images_steps": 0, "train.images_finetune_steps": 0,
     "train.registration_steps": 0, "refine.steps": 0, "refine.passes": 2,
     "synthesize.num_samples": 1, "synthesize.batch_size": 1,

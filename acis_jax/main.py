@@ -6,6 +6,8 @@ Any config field can be overridden on the command line, e.g.
 """
 
 import importlib
+import shutil
+import subprocess
 import sys
 
 from absl import app, flags, logging
@@ -50,6 +52,29 @@ def enable_compilation_cache(setting: str) -> None:
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
+def gpus_unused(backend: str | None = None, platforms: str | None = None) -> str | None:
+  """A warning when JAX runs on the CPU while `nvidia-smi` lists GPUs (the CPU build of jax,
+  which `pip install -e .` installs), unless the CPU was asked for (JAX_PLATFORMS=cpu).
+  `backend`, `platforms`: JAX's, unless given."""
+  backend = jax.default_backend() if backend is None else backend
+  platforms = (jax.config.jax_platforms or "") if platforms is None else platforms
+  if backend != "cpu" or "cpu" in platforms:
+    return None
+  smi = shutil.which("nvidia-smi")
+  if smi is None:
+    return None
+  try:
+    listed = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20).stdout
+  except (OSError, subprocess.SubprocessError):
+    return None
+  gpus = [line for line in listed.splitlines() if line.startswith("GPU ")]
+  if not gpus:
+    return None
+  return (f"JAX runs on the CPU, but nvidia-smi lists {len(gpus)} GPU(s) ({gpus[0]}): this is "
+          "the CPU build of jax. Install the CUDA one: pip install -e \".[cuda12]\" (or "
+          "\".[cuda13]\" for a CUDA 13 driver); JAX_PLATFORMS=cpu silences this warning")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -68,6 +93,9 @@ def main(argv):
   maybe_initialize_distributed(config)  # before anything asks JAX for devices
   logging.info("JAX process %d/%d, devices: %s", jax.process_index(), jax.process_count(),
                jax.devices())
+  unused = gpus_unused()
+  if unused:
+    logging.warning("%s", unused)
   with stops_raise():
     try:
       for mode in modes:

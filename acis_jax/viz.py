@@ -149,3 +149,21 @@ def contact_sheet(path: str, samples, affine, title: str) -> None:
   fig.suptitle(title, fontsize=10, y=min(1.0, top + 0.45 / fig.get_figheight()),
                va="bottom")
   save_figure(fig, path)
+
+
+def preview_tiles(samples: dict[str, np.ndarray | None], affine) -> dict[str, np.ndarray]:
+  """`kind -> (H, W, 3)` uint8: the central axial planes of each kind's samples side by side,
+  radiological convention, rows from the top (for TensorBoard). Kinds: "pseudo-mask" and
+  "image" in [0, 1], "labels" as integers (tab10 colours, as in the contact sheet)."""
+  tiles = {}
+  for kind, batch in samples.items():
+    if batch is None:
+      continue
+    planes = [np.flipud(display_plane(np.asarray(x, np.float32), affine)[0]) for x in batch]
+    strip = np.concatenate(planes, axis=1)
+    if kind == "labels":
+      rgb = plt.get_cmap("tab10")(np.clip(strip, 0, 9) / 9.0)[..., :3]
+    else:
+      rgb = np.repeat(np.clip(strip, 0, 1)[..., None], 3, axis=-1)
+    tiles[kind] = (rgb * 255).round().astype(np.uint8)
+  return tiles

@@ -7,6 +7,7 @@ Every file a run reads or writes under `--workdir` is named here and nowhere els
     fingerprint.json               what makes the run (data digest, shapes, widths, seed, steps)
     config.json                    the whole config of the last run allowed to go on
     metrics.jsonl                  one JSON object per logged step
+    tensorboard/                   the same as TensorBoard event files, and sample images
     checkpoints/<stage>/<step>/    orbax checkpoints of a stage in progress
     networks/<stage>/<network>/    a finished stage's networks (orbax)
     networks/<stage>/DONE          written last: the stage is finished
@@ -167,6 +168,10 @@ class Workdir:
   @property
   def metrics(self) -> str:
     return self.path(METRICS_FILE)
+
+  @property
+  def tensorboard(self) -> str:
+    return self.path("tensorboard")
 
   @property
   def fingerprint(self) -> str:

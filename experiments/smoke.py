@@ -46,6 +46,7 @@ def get_config(arg=None):
   config.train.n_critic = 2
   config.train.log_every = 2
   config.train.checkpoint_every = 2
+  config.train.image_every = 2
   config.refine.steps = 3
   config.refine.passes = 2
   config.synthesize.num_samples = 4

@@ -66,3 +66,24 @@ def test_a_misspelt_field_is_one_line_with_the_suggestion(tmp_path, override, fi
       f"FATAL Flags parsing error: {override}: the config has no field '{field}'. "
       f'Did you mean "{suggestion}" instead of "{field}"?']
   assert not os.listdir(tmp_path)  # nothing written
+
+
+@pytest.mark.parametrize("listing, backend, platforms, warned", [
+    ("GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-1)\n", "cpu", "", True),
+    ("GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-1)\n", "cpu", "cpu", False),  # asked for
+    ("GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-1)\n", "gpu", "", False),     # the CUDA build
+    ("No devices found.\n", "cpu", "", False),
+    (None, "cpu", "", False),                                                # no nvidia-smi
+])
+def test_a_gpu_left_unused_by_the_cpu_build_is_warned_about(tmp_path, monkeypatch, listing,
+                                                            backend, platforms, warned):
+  from acis_jax.main import gpus_unused
+  if listing is not None:
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text(f"#!/bin/sh\nprintf '{listing}'\n")
+    smi.chmod(0o755)
+  monkeypatch.setenv("PATH", str(tmp_path))
+  message = gpus_unused(backend=backend, platforms=platforms)
+  assert (message is not None) == warned
+  if warned:
+    assert "1 GPU(s)" in message and 'pip install -e ".[cuda12]"' in message

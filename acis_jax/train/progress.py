@@ -1,5 +1,8 @@
-"""Training progress: one JSON object per line in the run's metrics file, a readable console line.
+"""Training progress: one JSON object per line in the run's metrics file, a readable console
+line, and TensorBoard event files (scalars, sample images) beside them.
 
+TensorBoard files are written with tensorboardX, which needs protobuf alone (no TensorFlow or
+PyTorch; protobuf comes with orbax anyway) and is kept up to date for TensorBoard's format.
 Only process 0 writes, so a multi-host run logs once.
 """
 
@@ -13,6 +16,8 @@ from typing import Mapping
 
 from absl import logging
 import jax
+import numpy as np
+from tensorboardX import SummaryWriter
 
 
 def _ours_or_warning(record: py_logging.LogRecord) -> bool:
@@ -48,15 +53,31 @@ class Progress:
   its own speed, not one diluted by the steps restored from a checkpoint.
   """
 
-  def __init__(self, path: str, stage: str, first_step: int, total_steps: int):
+  def __init__(self, path: str, stage: str, first_step: int, total_steps: int,
+               events_dir: str | None = None):
     self.path = path
     self.stage = stage
     self.first_step = first_step
     self.total_steps = total_steps
     self.start = time.perf_counter()
     self.enabled = jax.process_index() == 0
+    self.events = None
     if self.enabled:
       os.makedirs(os.path.dirname(path), exist_ok=True)
+      if events_dir:
+        self.events = SummaryWriter(events_dir, flush_secs=10)
+
+  def close(self) -> None:
+    if self.events is not None:
+      self.events.close()
+      self.events = None
+
+  def images(self, step: int, tiles: Mapping[str, np.ndarray]) -> None:
+    """TensorBoard images `STAGE/samples/KIND` after `step` steps, from (H, W, 3) uint8."""
+    if self.events is None:
+      return
+    for kind, tile in tiles.items():
+      self.events.add_image(f"{self.stage}/samples/{kind}", tile, step, dataformats="HWC")
 
   def restart_clock(self, steps_taken: int) -> None:
     """Counts the rate from now on (e.g. after compiling), `steps_taken` steps in."""
@@ -76,6 +97,10 @@ class Progress:
            "steps_per_s": rate}
     with open(self.path, "a") as f:
       f.write(json.dumps(row) + "\n")
+    if self.events is not None:
+      for name, value in row.items():
+        if name not in ("stage", "step"):
+          self.events.add_scalar(f"{self.stage}/{name}", value, step)
     eta = (self.total_steps - step) / rate if rate > 0 else float("nan")
     losses = "  ".join(f"{k} {float(v):.4g}" for k, v in metrics.items())
     logging.info("[%s] step %d/%d  %s  (%.2f steps/s, ETA %s)", self.stage, step,

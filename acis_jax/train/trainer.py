@@ -25,7 +25,7 @@ from acis_jax.data.augment import AugmentParams
 from acis_jax.data.patches import check_patch_shape
 from acis_jax.data.sources import Example, cases_digest, label_table, load_examples
 from acis_jax.pseudomask import PseudoMaskParams
-from acis_jax.rng import numpy_rng, step_key
+from acis_jax.rng import numpy_rng, step_key, stream_key
 from acis_jax.train import parallel, steps
 from acis_jax.train.checkpoint import save_state
 from acis_jax.train.generation import Chain
@@ -36,6 +36,7 @@ from acis_jax.train.stage_checkpoints import StageCheckpoints
 from acis_jax.train.stages import REFINE, Stage, stages
 from acis_jax.train.state import TrainState
 from acis_jax.stops import Stopped, StopRequest, stops_deferred
+from acis_jax.viz import preview_tiles
 from acis_jax.workdir import Workdir
 
 
@@ -97,7 +98,7 @@ def optimizer(name: str, stage: str, config) -> optax.GradientTransformation:
 
 
 # Fields of config.train that change how a run is logged, not what it computes.
-_BOOKKEEPING = ("log_every", "checkpoint_every", "keep_checkpoints")
+_BOOKKEEPING = ("log_every", "checkpoint_every", "keep_checkpoints", "image_every")
 
 
 def model_fingerprint(config) -> dict[str, Any]:
@@ -188,11 +189,34 @@ def _resume(stage: Stage, config, workdir: Workdir, ctx, checkpoints: StageCheck
   return 0, parallel.replicate(fresh_state(stage, config, ctx, start_params), mesh)
 
 
+_PREVIEW_SAMPLES = 4
+
+
+def make_preview(config, stage: Stage, chain: Chain):
+  """`preview(params) -> {kind: samples}` of the generators a stage has (trained or read),
+  from fixed latents so that TensorBoard shows them change; None for a stage without the
+  mask generator (registration)."""
+  has = set(stage.trained) | set(stage.frozen)
+  if "mask_generator" not in has:
+    return None
+  key = stream_key(config.seed, "tensorboard")
+
+  def preview(params):
+    masks = chain.masks(params, key, _PREVIEW_SAMPLES)
+    labels = chain.labels(params, masks) if "annotation_generator" in has else None
+    images = (chain.image(params, chain.condition(masks, labels), None)
+              if "image_generator" in has else None)
+    return {"pseudo-mask": masks[..., 0], "labels": labels,
+            "image": None if images is None else images[..., 0]}
+  return jax.jit(preview)
+
+
 def _run_steps(stage: Stage, config, ctx, data: TrainingData, mesh, start: int, state, frozen,
                progress: Progress, checkpoints: StageCheckpoints, stop: StopRequest):
   """Steps `start` .. the stage's end, or up to the step at which a stop was asked for (then
   checkpointed); returns (state, steps done)."""
   replicated = parallel.replicated(mesh)
+  preview = make_preview(config, stage, ctx.chain) if config.train.image_every else None
   done, phase_end = start, 0
   for steps_in_phase, factory in stage.phases:
     phase_start, phase_end = phase_end, phase_end + steps_in_phase
@@ -212,6 +236,9 @@ def _run_steps(stage: Stage, config, ctx, data: TrainingData, mesh, start: int, 
       state, metrics = step_fn(state, frozen, batch, key)
       done = step + 1
       pending.append((done, metrics))
+      if preview is not None and done % config.train.image_every == 0:
+        samples = jax.device_get(preview({**frozen, **state.params}))
+        progress.images(done, preview_tiles(samples, data.affine))
       stopping = stop.signum is not None
       log = done % config.train.log_every == 0 or done == stage.total_steps or stopping
       save = done % config.train.checkpoint_every == 0 or done == stage.total_steps or stopping
@@ -246,8 +273,9 @@ def run_stage(stage: Stage, config, workdir: Workdir, data: TrainingData, mesh) 
       {n: load_network(workdir, s, n, config) for n, s in stage.frozen.items()}, mesh)
   logging.info("[%s] %s", stage.name, ", ".join(
       f"{n} {parameter_count(state.params[n]):,} parameters" for n in stage.trained))
-  progress = Progress(workdir.metrics, stage.name, start, stage.total_steps)
-  with stops_deferred() as stop:
+  progress = Progress(workdir.metrics, stage.name, start, stage.total_steps,
+                      events_dir=workdir.tensorboard)
+  with stops_deferred() as stop, contextlib.closing(progress):
     state, done = _run_steps(stage, config, ctx, data, mesh, start, state, frozen, progress,
                              checkpoints, stop)
     checkpoints.close()

@@ -10,6 +10,8 @@ import time
 
 import nibabel as nib
 import numpy as np
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from acis_jax.data import nnunet
 from acis_jax.data.phantom import PHANTOM_LABELS
@@ -73,6 +75,22 @@ def test_sigkill_mid_stage_then_rerun_finishes_with_the_right_steps(tmp_path):
   rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert max(r["step"] for r in rows if r["stage"] == "images") == SMOKE_STEPS["images"]
   assert all(np.isfinite(v) for r in rows for k, v in r.items() if k != "stage")
+
+  # TensorBoard, read by its own reader: the scalars of metrics.jsonl and sample images.
+  events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0})
+  events.Reload()
+  final = {r["stage"]: r for r in rows}
+  for stage, steps in SMOKE_STEPS.items():
+    for name, value in final[stage].items():
+      if name not in ("stage", "step"):
+        last = max(events.Scalars(f"{stage}/{name}"), key=lambda e: e.step)
+        assert last.step == steps and last.value == pytest.approx(value, rel=1e-6)
+  images = set(events.Tags()["images"])
+  assert {"masks/samples/pseudo-mask", "masks/samples/labels", "images/samples/image",
+          "refine/samples/image"} <= images
+  assert not any(t.startswith("registration/") for t in images)
+  sample = events.Images("images/samples/image")[-1]
+  assert (sample.height, sample.width) == (32, 4 * 32)  # four 32x32 samples side by side
 
   grid = json.loads((tmp_path / "networks" / "grid.json").read_text())
   images = sorted((tmp_path / "synthetic" / "imagesTr").iterdir())
