@@ -87,6 +87,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.synthesize.num_samples = 16
   config.synthesize.batch_size = 2
   config.synthesize.unrefined = False      # also write ACIS- (before refinement)
+  config.synthesize.quality = True         # and the quality report of each synthetic folder
+
+  config.quality = ml_collections.ConfigDict()  # acis_jax.eval.quality
+  config.quality.segmenter_steps = 300     # its U-Net (evaluate.nets.unet), on real cases only
 
   # mode = "export": an nnU-Net v2 dataset of the real cases and the synthetic pairs.
   config.export = ml_collections.ConfigDict()
@@ -116,6 +120,7 @@ _AT_LEAST = {
     "train.registration_steps": 0, "refine.steps": 0, "refine.passes": 2,
     "synthesize.num_samples": 1, "synthesize.batch_size": 1,
     "pseudomask.num_seeds": 1, "pseudomask.num_edge_points": 1, "export.num_folds": 0,
+    "quality.segmenter_steps": 1,
 }
 
 

@@ -35,6 +35,7 @@ JOBS = {
     "pseudomask": "acis_jax.jobs.pseudomask:run",
     "train": "acis_jax.train.trainer:train",
     "synthesize": "acis_jax.jobs.synthesize:run",
+    "quality": "acis_jax.eval.quality:run",
     "export": "acis_jax.jobs.export:run",
     "evaluate": "acis_jax.eval.protocol:run",
 }

@@ -17,6 +17,7 @@ Every file a run reads or writes under `--workdir` is named here and nowhere els
     eval/                          the evaluation's results
     nnunet/                        the export mode's nnU-Net dataset (unless export.out_dir)
     pseudomask/                    the pseudomask mode's maps and figures
+    quality/                       the quality report's segmenters, cached per set of real cases
 
 A run first takes the lock, then compares its fingerprint with the stored one: a work
 directory that holds a run of other data, shapes, widths, seed or step counts is refused,
@@ -48,11 +49,16 @@ SYNTHETIC_FOLDERS = {"acis": "synthetic", "acis-": "synthetic_unrefined"}
 
 def write_json_atomically(path: str | os.PathLike, value: Any) -> None:
   """Writes `value` as JSON to `path` through a temporary file renamed into place (mode 0644)."""
+  write_text_atomically(path, json.dumps(value, indent=2, sort_keys=True))
+
+
+def write_text_atomically(path: str | os.PathLike, text: str) -> None:
+  """Writes `text` to `path` through a temporary file renamed into place (mode 0644)."""
   path = os.fspath(path)
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".json.tmp")
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".", suffix=".tmp")
   try:
     with os.fdopen(fd, "w") as f:
-      json.dump(value, f, indent=2, sort_keys=True)
+      f.write(text)
     os.chmod(tmp, 0o644)
     os.replace(tmp, path)
   except BaseException:
@@ -193,6 +199,11 @@ class Workdir:
   def nnunet_export(self) -> str:
     """Where `export` writes its DatasetNNN_Name folder when export.out_dir is empty."""
     return self.path("nnunet")
+
+  @property
+  def quality(self) -> str:
+    """The quality report's cached segmenters (the reports go into the synthetic folders)."""
+    return self.path("quality")
 
   @property
   def pseudomask(self) -> str:

@@ -50,4 +50,6 @@ def get_config(arg=None):
   config.refine.steps = 3
   config.refine.passes = 2
   config.synthesize.num_samples = 4
+  config.synthesize.quality = False   # tests run mode=quality on their own
+  config.quality.segmenter_steps = 3
   return config

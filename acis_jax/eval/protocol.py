@@ -60,30 +60,25 @@ import dataclasses
 import json
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from absl import logging
 import jax
 import ml_collections
 import numpy as np
-from flax import nnx
 
 from acis_jax.data.augment import AugmentParams, downstream_augment
-from acis_jax.data.nifti import load_nifti
-from acis_jax.data.preprocess import window_hu
+from acis_jax.data.synthetic import load_synthetic, synthetic_complete
 from acis_jax.data.sources import Example, cases_digest, load_examples, parse_slice_name
 from acis_jax.eval import downstream, report
-from acis_jax.eval.recon_nets import ESRT, REDCNN, ResNet
-from acis_jax.eval.seg_nets import MedNeXt, SegUNet
+from acis_jax.eval.nets import RECONSTRUCTION_NETS, SEGMENTATION_NETS, net_factory
 from acis_jax.jobs import synthesize
 from acis_jax.train import trainer
 from acis_jax.workdir import SYNTHETIC_FOLDERS, Workdir, write_json_atomically
 
 ARMS = ("baseline", "acis-", "acis", "upper")
 
-SEGMENTATION_NETS = ("unet", "mednext")
-RECONSTRUCTION_NETS = ("resnet", "redcnn", "esrt")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,32 +193,6 @@ def few_shot_subset(pool: Sequence[Example], n: int) -> list[Example]:
 # Synthetic data
 
 
-def load_synthetic(folder: str, count: int, config) -> tuple[np.ndarray, np.ndarray | None]:
-  """The first `count` synthetic pairs of `folder`.
-
-  Returns:
-    images `(count, *image_shape, 1)` float32 in [0, 1] (HU windowed as in training) and
-    labels `(count, *image_shape)` int32, or None in label-free runs.
-  """
-  shape = tuple(config.data.image_shape)
-  num_classes = config.data.num_classes
-  images, labels = [], []
-  for image_path, label_path in synthesize.synthetic_files(folder, count, num_classes > 0):
-    image = load_nifti(image_path).array
-    if image.shape != shape:
-      raise ValueError(f"{image_path}: synthetic image of shape {image.shape}, but "
-                       f"data.image_shape={shape}")
-    images.append(window_hu(image))
-    if label_path is not None:
-      label = load_nifti(label_path).array
-      if label.shape != shape or label.min() < 0 or label.max() >= num_classes:
-        raise ValueError(f"{label_path}: labels must have shape {shape} and lie in "
-                         f"[0, {num_classes}), got shape {label.shape}, range "
-                         f"[{label.min()}, {label.max()}]")
-      labels.append(label.astype(np.int32))
-  return np.stack(images)[..., None], (np.stack(labels) if labels else None)
-
-
 def ensure_synthetic(config, workdir: str, n: int, examples: list[Example]) -> Workdir:
   """WORKDIR/synth_n{n}/, with ACIS and ACIS- pairs of a synthesizer trained on `examples`.
 
@@ -233,7 +202,7 @@ def ensure_synthetic(config, workdir: str, n: int, examples: list[Example]) -> W
   root = Workdir(workdir).synthesizer(n)
   count, labelled = config.synthesize.num_samples, config.data.num_classes > 0
   folders = [root.synthetic(arm) for arm in SYNTHETIC_FOLDERS]
-  if all(synthesize.synthetic_complete(f, count, labelled) for f in folders):
+  if all(synthetic_complete(f, count, labelled) for f in folders):
     return root
   if not config.evaluate.train_synthesizer:
     raise ValueError(f"{root.root}: the synthetic folders {list(SYNTHETIC_FOLDERS.values())} lack "
@@ -241,6 +210,7 @@ def ensure_synthetic(config, workdir: str, n: int, examples: list[Example]) -> W
                      "evaluate.train_synthesizer=False")
   synth_config = config.copy_and_resolve_references()
   synth_config.synthesize.unrefined = True  # ACIS- is an arm
+  synth_config.synthesize.quality = False   # the downstream table is this synthesizer's report
   logging.info("[evaluate] training the synthesizer for n=%d on %s", n,
                [e.name for e in examples])
   trainer.train(synth_config, root.root, examples=examples)
@@ -293,24 +263,6 @@ def learning_rate(task: downstream.Task, ev) -> float:
   """Adam's step size for a task's networks."""
   return (ev.segmentation_learning_rate if task.is_segmentation
           else ev.reconstruction_learning_rate)
-
-
-def net_factory(name: str, task: downstream.Task, kwargs: dict, spatial_dims: int
-                ) -> Callable[[nnx.Rngs], nnx.Module]:
-  """`rngs -> module` of downstream network `name` for one-channel inputs."""
-  kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
-  constructors = {
-      "unet": lambda rngs: SegUNet(1, task.num_classes, spatial_dims=spatial_dims, rngs=rngs,
-                                   **kwargs),
-      "mednext": lambda rngs: MedNeXt(1, task.num_classes, spatial_dims=spatial_dims,
-                                      rngs=rngs, **kwargs),
-      "resnet": lambda rngs: ResNet(1, spatial_dims=spatial_dims, rngs=rngs, **kwargs),
-      "redcnn": lambda rngs: REDCNN(1, spatial_dims=spatial_dims, rngs=rngs, **kwargs),
-      "esrt": lambda rngs: ESRT(1, spatial_dims=spatial_dims, rngs=rngs, **kwargs),
-  }
-  if name not in constructors:
-    raise ValueError(f"unknown downstream network {name!r}; known: {sorted(constructors)}")
-  return constructors[name]
 
 
 # ---------------------------------------------------------------------------------------------

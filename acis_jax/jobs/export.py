@@ -27,7 +27,7 @@ from acis_jax.data import nnunet
 from acis_jax.data.nifti import save_nifti
 from acis_jax.data.preprocess import unwindow_hu
 from acis_jax.data.sources import load_examples, parse_slice_name
-from acis_jax.jobs.synthesize import run_labels, synthetic_complete, synthetic_files
+from acis_jax.data.synthetic import run_labels, synthetic_complete, synthetic_files
 from acis_jax.train.trainer import load_training_data, run_fingerprint
 from acis_jax.workdir import (Workdir, read_json, replaced_folder,
                               write_json_atomically)

@@ -20,37 +20,17 @@ from absl import logging
 import jax
 import numpy as np
 
-from acis_jax.data.labels import full_table
 from acis_jax.data.nifti import save_nifti
 from acis_jax.data.nnunet import image_file, label_file, write_dataset_json
+from acis_jax.data.synthetic import run_labels, synthetic_name
 from acis_jax.data.preprocess import unwindow_hu
+from acis_jax.eval import quality
 from acis_jax.rng import stream_key
 from acis_jax.train.networks import load_network
 from acis_jax.train.stages import generator_sources
 from acis_jax.train.trainer import make_chain, model_fingerprint
 from acis_jax.viz import contact_sheet
 from acis_jax.workdir import Workdir, replaced_folder
-
-
-def run_labels(grid: dict, num_classes: int) -> dict[int, str]:
-  """The label table `train` recorded in the grid (runs from before it was recorded: class_K)."""
-  return full_table({int(k): v for k, v in grid.get("labels", {}).items()}, num_classes)
-
-
-def synthetic_name(index: int) -> str:
-  return f"synth_{index:04d}"
-
-
-def synthetic_files(folder: str, count: int, labelled: bool) -> list[tuple[str, str | None]]:
-  names = [synthetic_name(i) for i in range(count)]
-  return [(str(image_file(folder, name)), str(label_file(folder, name)) if labelled else None)
-          for name in names]
-
-
-def synthetic_complete(folder: str, count: int, labelled: bool) -> bool:
-  """Whether `folder` holds the `count` pairs synth_0000.. that `synthesize` writes."""
-  return all(os.path.isfile(image) and (label is None or os.path.isfile(label))
-             for image, label in synthetic_files(folder, count, labelled))
 
 
 def make_sampler(config):
@@ -105,3 +85,5 @@ def run(config, workdir: str) -> None:
     write_pairs(config, workdir, "acis")
     if config.synthesize.unrefined:
       write_pairs(config, workdir, "acis-")
+    if config.synthesize.quality and lead:
+      quality.write_reports(config, workdir)

@@ -129,3 +129,13 @@ def test_sigkill_mid_stage_then_rerun_finishes_with_the_right_steps(tmp_path):
   assert "no splits_final.json" in exported.stderr  # one real case fills no folds
   real = [p.name for p in (dataset / "imagesTr").iterdir() if not p.name.startswith("synth_")]
   assert real == ["phantom_0000.nii.gz"]
+
+  # The quality report of the pairs against the one real case.
+  report = subprocess.run(main_command(tmp_path) + ["--config.mode=quality"], cwd=REPO, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+  assert report.returncode == 0, report.stderr[-3000:]
+  result = json.loads((tmp_path / "synthetic" / "quality.json").read_text())
+  assert result["cases"] == {"real": 1, "synthetic": 4}
+  assert set(result["consistency"]["synthetic"]) == {"1", "2", "3", "4", "5"}
+  assert "| heart: segmenter Dice |" in (tmp_path / "synthetic" / "quality.md").read_text()
+  assert (tmp_path / "synthetic" / "quality.png").stat().st_size > 5_000
