@@ -6,6 +6,7 @@ Any config field can be overridden on the command line, e.g.
 """
 
 import importlib
+import os
 import shutil
 import subprocess
 import sys
@@ -111,7 +112,12 @@ def main(argv):
       # Ours name the path and what was being written; others have the path in `filename`.
       logging.error("%s", f"{error.filename}: {error.strerror}" if error.filename
                     else error.strerror)
-      sys.exit(1)
+      # Without the interpreter's shutdown: orbax's threads may still hold callbacks of the
+      # failed save, which print tracebacks ("Event loop is closed") while it shuts down.
+      logging.flush()
+      sys.stdout.flush()
+      sys.stderr.flush()
+      os._exit(1)
 
 
 def parse_flags(argv: list[str]) -> list[str]:

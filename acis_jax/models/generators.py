@@ -96,7 +96,10 @@ class ImageGenerator(nnx.Module):
 
   `num_classes = 0` is the label-free mode (input: the pseudo-mask alone). Labels are one-hot or
   class probabilities. Dropout (rate `dropout`, in the `dropout_stages` deepest decoder stages,
-  as pix2pix) runs whenever a key is given; it is the generator's only noise source.
+  as pix2pix) runs whenever a key is given; it is the generator's only noise source. It never
+  reaches the full-resolution stage that feeds the output layer: pix2pix's dropout sits at
+  1/32 to 1/128 of the image, and at full resolution it is per-voxel noise in the image (the
+  "salt" of early contact sheets). So a 2-level generator has none.
   """
 
   def __init__(self, num_classes: int, ndim: int, *, features: Sequence[int] = (64, 128, 256, 512),
@@ -109,7 +112,8 @@ class ImageGenerator(nnx.Module):
     self.ndim = ndim
     self.unet = UNet(1 + num_classes, ndim, features=features, convs_per_level=convs_per_level,
                      norm=norm, activation=activation, down=down, up=up, dropout=dropout,
-                     dropout_stages=dropout_stages, remat=remat, dtype=dtype, rngs=rngs)
+                     dropout_stages=min(dropout_stages, len(features) - 2), remat=remat,
+                     dtype=dtype, rngs=rngs)
     self.head = conv(self.unet.features[0], 1, ndim, kernel_size=1, dtype=dtype, rngs=rngs)
 
   def __call__(self, mask: jax.Array, labels: jax.Array | None = None, *,

@@ -38,8 +38,10 @@ class StageCheckpoints:
 
   def save(self, step: int, state: Any) -> None:
     """Starts saving `state` as `step` (orbax writes in the background)."""
+    with self._failing_writes():  # where the previous save's error surfaces
+      self.manager.wait_until_finished()  # so that the free space counts the previous one
     check_free_space(self.directory, 2 * state_bytes(state), f"the checkpoint of step {step}")
-    with self._failing_writes():  # also where the previous save's error surfaces
+    with self._failing_writes():
       self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
 
   @contextlib.contextmanager

@@ -113,3 +113,13 @@ def test_bfloat16_compute_tracks_float32(rngs, key, jit_apply):
   out = jit_apply(half, mask, labels)
   assert out.dtype == jnp.float32 and float(out.min()) >= 0 and float(out.max()) <= 1
   np.testing.assert_allclose(out, jit_apply(full, mask, labels), atol=3e-2)
+
+
+@pytest.mark.parametrize("features, dropped", [((4, 8, 8), [1]), ((4, 8, 8, 8), [1, 2]),
+                                               ((4, 8, 8, 8, 8, 8), [2, 3, 4]), ((4, 8), [])])
+def test_image_generator_dropout_stays_off_the_full_resolution_stage(rngs, features, dropped):
+  """pix2pix's dropout is on its innermost decoder levels: never on the stage at full
+  resolution that feeds the output layer, where it would be per-voxel noise in the image."""
+  gen = ImageGenerator(3, 2, features=features, dropout=0.5, rngs=rngs())
+  with_dropout = [i for i, stage in enumerate(gen.unet.decoder) if stage.dropout is not None]
+  assert with_dropout == dropped
