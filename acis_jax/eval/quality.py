@@ -131,6 +131,22 @@ def _segmenter_factory(config):
                            len(config.data.image_shape))
 
 
+def _pad(config, x: np.ndarray) -> np.ndarray:
+  """`x` `(n, *spatial, ...)` zero-padded at the far end of each spatial axis to a multiple of
+  what the U-Net's down-samplings need (zero: air after the window, background in labels)."""
+  factor = 2 ** len(config.evaluate.nets.unet.features)
+  spatial = x.shape[1:1 + len(config.data.image_shape)]
+  widths = [(0, 0)] + [(0, -s % factor) for s in spatial] + [(0, 0)] * (
+      x.ndim - 1 - len(spatial))
+  return np.pad(x, widths)
+
+
+def _predict(config, model, task, images: np.ndarray) -> np.ndarray:
+  """The segmenter's labels for `images` `(n, *spatial)`, on their own grid."""
+  crop = (slice(None),) + tuple(slice(0, s) for s in images.shape[1:])
+  return np.asarray(downstream.predict(model, task, _pad(config, images)[..., None]))[crop]
+
+
 def segmenters(config, workdir: Workdir, images: np.ndarray, labels: np.ndarray
                ) -> list[downstream.Trained]:
   """One U-Net per fold of the real cases, trained or read from WORKDIR/quality/ when that
@@ -152,7 +168,7 @@ def segmenters(config, workdir: Workdir, images: np.ndarray, labels: np.ndarray
       models.append(downstream.Trained(graphdef, restore_state(path, abstract), None))
       continue
     model = downstream.train_downstream(
-        factory, task, images[train, ..., None], labels[train],
+        factory, task, _pad(config, images[train])[..., None], _pad(config, labels[train]),
         steps=config.quality.segmenter_steps, batch_size=min(4, len(train)),
         learning_rate=config.evaluate.segmentation_learning_rate, seed=config.seed + fold)
     save_state(path, model.params, force=True)
@@ -174,15 +190,16 @@ def _per_class_dice(pred: np.ndarray, target: np.ndarray, num_classes: int
   return out
 
 
-def consistency(models, images, labels, synthetic_images, synthetic_labels, num_classes):
+def consistency(config, models, images, labels, synthetic_images, synthetic_labels):
   """(Dice on real held-out cases, Dice on the synthetic pairs), per class, fold-averaged."""
+  num_classes = config.data.num_classes
   task = downstream.Task("segmentation", num_classes=num_classes)
   real, synthetic = [], []
   for model, (_, held_out) in zip(models, _folds(len(images))):
-    real.append(_per_class_dice(np.asarray(downstream.predict(
-        model, task, images[held_out, ..., None])), labels[held_out], num_classes))
-    synthetic.append(_per_class_dice(np.asarray(downstream.predict(
-        model, task, synthetic_images[..., None])), synthetic_labels, num_classes))
+    real.append(_per_class_dice(_predict(config, model, task, images[held_out]),
+                                labels[held_out], num_classes))
+    synthetic.append(_per_class_dice(_predict(config, model, task, synthetic_images),
+                                     synthetic_labels, num_classes))
   average = lambda runs: {c: (None if any(r[c] is None for r in runs)
                               else float(np.mean([r[c] for r in runs]))) for c in runs[0]}
   return average(real), average(synthetic)
@@ -235,8 +252,7 @@ def report(config, workdir: Workdir, real_images, real_labels, images, labels,
   }
   if num_classes:
     models = segmenters(config, workdir, real_images, real_labels)
-    real_dice, syn_dice = consistency(models, real_images, real_labels, images, labels,
-                                      num_classes)
+    real_dice, syn_dice = consistency(config, models, real_images, real_labels, images, labels)
     out["consistency"] = {"real_held_out": real_dice, "synthetic": syn_dice,
                           "held_out": len(real_images) > 1}
     out["intensity"] = {"real": class_intensities(real_images, real_labels, num_classes),

@@ -85,5 +85,9 @@ def run(config, workdir: str) -> None:
     write_pairs(config, workdir, "acis")
     if config.synthesize.unrefined:
       write_pairs(config, workdir, "acis-")
-    if config.synthesize.quality and lead:
+    if config.synthesize.quality and jax.process_count() > 1:
+      # Its network reads and segmenter cache are single-process: orbax's are collective.
+      logging.info("[synthesize] no quality report in a multi-process run: run mode=quality "
+                   "on one process")
+    elif config.synthesize.quality:
       quality.write_reports(config, workdir)

@@ -93,3 +93,10 @@ def test_constant_images_have_no_texture_no_diversity_and_are_not_copies(report_
   assert result["memorisation"]["copies"] == 0
   md = quality.markdown(result, {0: "background", 1: "heart"}, "t")
   assert "| heart: segmenter Dice |" in md
+
+
+def test_grids_the_segmenter_cannot_take_are_padded_for_it(report_setup):
+  config, workdir = report_setup
+  images, labels = _phantoms(2, shape=(40, 36))  # not multiples of the U-Net's 16
+  result = quality.report(config, Workdir(workdir.path("odd")), images, labels, images, labels)
+  assert set(result["consistency"]["synthetic"]) == {"1", "2", "3", "4", "5"}
