@@ -94,10 +94,25 @@ def check_free_space(folder: str | os.PathLike, needed_bytes: int, what: str) ->
                   "some space or use another --workdir")
 
 
-def remove_unfinished(folder: str | os.PathLike, pattern: str = "*.orbax-checkpoint-tmp*") -> None:
-  """Removes what an interrupted orbax save left in `folder` (its temporary folders)."""
-  for path in glob.glob(os.path.join(os.fspath(folder), pattern)):
-    shutil.rmtree(path, ignore_errors=True)
+@contextlib.contextmanager
+def orbax_writes(folder: str | os.PathLike, failure: str, pattern: str = "*",
+                 before_cleanup=None) -> Iterator[None]:
+  """Around orbax writes into `folder`: on an error, `before_cleanup()` (e.g. closing a
+  manager, so that its threads stop), then the unfinished `PATTERN.orbax-checkpoint-tmp*`
+  folders removed; a full, read-only or forbidden disk (`disk_error_code`) is raised again as
+  an OSError whose message is `failure` with `{reason}` filled in."""
+  try:
+    yield
+  except (OSError, ValueError) as error:
+    if before_cleanup is not None:
+      with contextlib.suppress(Exception):
+        before_cleanup()
+    for path in glob.glob(os.path.join(os.fspath(folder), f"{pattern}.orbax-checkpoint-tmp*")):
+      shutil.rmtree(path, ignore_errors=True)
+    code = disk_error_code(error)
+    if code is None:
+      raise
+    raise OSError(code, failure.replace("{reason}", os.strerror(code))) from error
 
 
 def read_json(path: str | os.PathLike) -> Any:

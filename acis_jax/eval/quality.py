@@ -48,7 +48,7 @@ from acis_jax.train.checkpoint import restore_state, save_state
 from acis_jax.train.networks import abstract_params, load_network
 from acis_jax.train.trainer import load_training_data, run_fingerprint
 from acis_jax.viz import save_figure
-from acis_jax.workdir import (SYNTHETIC_FOLDERS, Workdir, write_json_atomically,
+from acis_jax.workdir import (SYNTHETIC_FOLDERS, Workdir, read_json, write_json_atomically,
                               write_text_atomically)
 
 # ---------------------------------------------------------------------------------------------
@@ -159,7 +159,7 @@ def segmenters(config, workdir: Workdir, images: np.ndarray, labels: np.ndarray
   sha.update(np.ascontiguousarray(images).tobytes())
   sha.update(np.ascontiguousarray(labels).tobytes())
   key_path = os.path.join(workdir.quality, "segmenters.json")
-  cached = os.path.exists(key_path) and json.load(open(key_path)).get("digest") == sha.hexdigest()
+  cached = os.path.exists(key_path) and read_json(key_path).get("digest") == sha.hexdigest()
   models = []
   for fold, (train, _) in enumerate(_folds(len(images))):
     path = os.path.join(workdir.quality, f"segmenter_{fold}")

@@ -27,7 +27,8 @@ from acis_jax.data import nnunet
 from acis_jax.data.nifti import save_nifti
 from acis_jax.data.preprocess import unwindow_hu
 from acis_jax.data.sources import load_examples, parse_slice_name
-from acis_jax.data.synthetic import run_labels, synthetic_complete, synthetic_files
+from acis_jax.data.synthetic import (run_labels, synthetic_complete, synthetic_files,
+                                     synthetic_name)
 from acis_jax.train.trainer import load_training_data, run_fingerprint
 from acis_jax.workdir import (Workdir, read_json, replaced_folder,
                               write_json_atomically)
@@ -89,8 +90,7 @@ def run(config, workdir: str) -> None:
                             "(synthesize.num_samples); run mode=synthesize first")
   examples = load_examples(config.data)
   names = [e.name for e in examples]
-  synthetic_names = [Path(label).name[:-len(nnunet.FILE_ENDING)]
-                     for _, label in synthetic_files(synthetic, count, labelled=True)]
+  synthetic_names = [synthetic_name(i) for i in range(count)]
   clash = sorted(set(names) & set(synthetic_names))
   if clash:
     raise ValueError(f"real cases {clash} are named like synthetic pairs")

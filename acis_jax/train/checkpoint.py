@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from acis_jax.workdir import check_free_space, disk_error_code, remove_unfinished
+from acis_jax.workdir import check_free_space, orbax_writes
 
 # How many mismatching arrays a restore error lists before "and N more".
 _MAX_LISTED = 8
@@ -48,17 +48,11 @@ def save_state(path: str | os.PathLike, state: Any, *, force: bool = False) -> N
   """
   path = os.path.abspath(path)
   check_free_space(os.path.dirname(path), 2 * state_bytes(state), f"the network {path}")
-  try:
+  with orbax_writes(os.path.dirname(path), f"{path}: the network could not be written "
+                    "({reason})", pattern=os.path.basename(path)):
     with ocp.StandardCheckpointer() as checkpointer:
       checkpointer.save(path, state, force=force)
       checkpointer.wait_until_finished()
-  except (OSError, ValueError) as error:
-    remove_unfinished(os.path.dirname(path), os.path.basename(path) + ".orbax-checkpoint-tmp*")
-    code = disk_error_code(error)
-    if code is None:
-      raise
-    raise OSError(code, f"{path}: the network could not be written ({os.strerror(code)})"
-                  ) from error
 
 
 def state_bytes(state: Any) -> int:

@@ -8,7 +8,6 @@ checkpoints belong to this run is the work directory's fingerprint's business
 
 from __future__ import annotations
 
-import contextlib
 import os
 from typing import Any
 
@@ -16,7 +15,7 @@ from absl import logging
 import orbax.checkpoint as ocp
 
 from acis_jax.train.checkpoint import check_matches, state_bytes
-from acis_jax.workdir import check_free_space, disk_error_code, remove_unfinished
+from acis_jax.workdir import check_free_space, orbax_writes
 
 
 class StageCheckpoints:
@@ -44,21 +43,12 @@ class StageCheckpoints:
     with self._failing_writes():
       self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
 
-  @contextlib.contextmanager
   def _failing_writes(self):
-    """An OSError of a save said with the folder, the unfinished checkpoint removed."""
-    try:
-      yield
-    except (OSError, ValueError) as error:
-      with contextlib.suppress(Exception):  # let orbax's threads end before the error goes up
-        self.manager.close()
-      remove_unfinished(self.directory)
-      code = disk_error_code(error)
-      if code is None:
-        raise
-      raise OSError(code, f"{self.directory}: a checkpoint could not be written "
-                    f"({os.strerror(code)}); the finished ones are kept, and the same command "
-                    "resumes from the latest") from error
+    """Around the manager's writes: a disk error said with the folder, the unfinished
+    checkpoint removed."""
+    return orbax_writes(self.directory, f"{self.directory}: a checkpoint could not be written "
+                        "({reason}); the finished ones are kept, and the same command resumes "
+                        "from the latest", before_cleanup=self.manager.close)
 
   def restore(self, step: int, abstract_state: Any) -> Any:
     """The state saved at `step`, shaped like `abstract_state` (ValueError if unreadable)."""
