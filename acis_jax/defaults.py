@@ -13,6 +13,9 @@ from acis_jax.data.nnunet import dataset_folder_name
 from acis_jax.pseudomask import PseudoMaskParams
 from acis_jax.workdir import SYNTHETIC_FOLDERS
 
+# What `synthesize` starts each pair from (acis_jax.jobs.synthesize).
+SYNTHESIS_SOURCES = ("generated", "real")
+
 
 def base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
@@ -58,6 +61,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.train = ml_collections.ConfigDict()
   config.train.batch_size = 2
   config.train.masks_steps = 2000
+  config.train.annotation_finetune_steps = 500  # then labels of generated masks (labelled runs)
   config.train.images_steps = 2000
   config.train.images_finetune_steps = 1000
   config.train.registration_steps = 2000
@@ -88,6 +92,11 @@ def base_config() -> ml_collections.ConfigDict:
   config.synthesize.batch_size = 2
   config.synthesize.unrefined = False      # also write ACIS- (before refinement)
   config.synthesize.quality = True         # and the quality report of each synthetic folder
+  config.synthesize.source = "generated"   # noise -> mask -> labels -> image (sec 2.2), or
+                                           # "real": each real case moved by a random smooth
+                                           # diffeomorphism -> new mask, its labels -> image
+  config.synthesize.deformation = 2.0      # "real": RMS of the velocity field, voxels
+  config.synthesize.deformation_scale = 8.0  # "real": its smoothing Gaussian's std, voxels
 
   config.quality = ml_collections.ConfigDict()  # acis_jax.eval.quality
   config.quality.segmenter_steps = 300     # its U-Net (evaluate.nets.unet), on real cases only
@@ -116,7 +125,7 @@ _AT_LEAST = {
     "data.num_classes": 0, "data.max_cases": 0, "data.num_slices": 1,
     "train.batch_size": 1, "train.n_critic": 1, "train.log_every": 1,
     "train.checkpoint_every": 1, "train.keep_checkpoints": 1, "train.image_every": 0,
-    "train.masks_steps": 0, "train.images_steps": 0, "train.images_finetune_steps": 0,
+    "train.masks_steps": 0, "train.annotation_finetune_steps": 0, "train.images_steps": 0, "train.images_finetune_steps": 0,
     "train.registration_steps": 0, "refine.steps": 0, "refine.passes": 2,
     "synthesize.num_samples": 1, "synthesize.batch_size": 1,
     "pseudomask.num_seeds": 1, "pseudomask.num_edge_points": 1, "export.num_folds": 0,
@@ -146,6 +155,14 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     dataset_folder_name(config.export.dataset_id, config.export.name)
   except ValueError as e:
     problems.append(str(e))
+  if config.synthesize.source not in SYNTHESIS_SOURCES:
+    problems.append(f"synthesize.source={config.synthesize.source!r} (one of "
+                    f"{list(SYNTHESIS_SOURCES)})")
+  if not config.synthesize.deformation >= 0:
+    problems.append(f"synthesize.deformation={config.synthesize.deformation!r} (voxels, >= 0)")
+  if not config.synthesize.deformation_scale > 0:
+    problems.append(f"synthesize.deformation_scale={config.synthesize.deformation_scale!r} "
+                    "(voxels, > 0)")
   if config.export.arm not in SYNTHETIC_FOLDERS:
     problems.append(f"export.arm={config.export.arm!r} (one of {sorted(SYNTHETIC_FOLDERS)})")
   if problems:
@@ -218,6 +235,7 @@ def fewshot_2d_on_cpu(config: ml_collections.ConfigDict) -> ml_collections.Confi
   config.train.batch_size = 4
   config.train.wgan_learning_rate = 3e-4  # as experiments/demo.py: a short run on a CPU
   config.train.masks_steps = 800
+  config.train.annotation_finetune_steps = 100
   config.train.images_steps = 400
   config.train.images_finetune_steps = 100
   config.train.registration_steps = 200

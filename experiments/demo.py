@@ -55,6 +55,7 @@ def get_config(arg=None):
   config.model.registration_features = (16, 32, 32)
   config.train.batch_size = 8
   config.train.masks_steps = 1200
+  config.train.annotation_finetune_steps = 200
   config.train.n_critic = 2
   config.train.wgan_learning_rate = 3e-4  # 3x the WGAN-GP paper's: a short run on a CPU
   config.train.images_steps = 600

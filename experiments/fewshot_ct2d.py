@@ -55,6 +55,7 @@ def get_config(arg=None):
 
   if "measure" in presets:
     config.train.masks_steps = 20
+    config.train.annotation_finetune_steps = 5
     config.train.images_steps = 10
     config.train.images_finetune_steps = 10
     config.train.registration_steps = 20

@@ -40,6 +40,7 @@ def get_config(arg=None):
   config.model.registration_features = (8, 8, 8)
   config.train.batch_size = 2
   config.train.masks_steps = 4
+  config.train.annotation_finetune_steps = 2
   config.train.images_steps = 3
   config.train.images_finetune_steps = 2
   config.train.registration_steps = 4

@@ -53,6 +53,7 @@ def get_config(arg=None):
     config.train.batch_size = 2
     config.train.wgan_learning_rate = 3e-4
     config.train.masks_steps = 300
+    config.train.annotation_finetune_steps = 50
     config.train.images_steps = 150
     config.train.images_finetune_steps = 50
     config.train.registration_steps = 100

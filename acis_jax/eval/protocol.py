@@ -214,7 +214,7 @@ def ensure_synthetic(config, workdir: str, n: int, examples: list[Example]) -> W
   logging.info("[evaluate] training the synthesizer for n=%d on %s", n,
                [e.name for e in examples])
   trainer.train(synth_config, root.root, examples=examples)
-  synthesize.run(synth_config, root.root)
+  synthesize.run(synth_config, root.root, examples=examples)
   return root
 
 

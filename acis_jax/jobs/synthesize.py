@@ -1,5 +1,9 @@
 """mode = "synthesize": synthetic image-annotation pairs from the trained generators.
 
+`synthesize.source` says where each pair starts: "generated", noise through the whole chain
+(sec 2.2), or "real", a real training case moved by a random smooth diffeomorphism, whose
+labels are kept and whose image is new (`make_sampler`).
+
 Writes `config.synthesize.num_samples` pairs into the work directory's synthetic folder
 (`acis_jax.workdir`) as an nnU-Net v2 raw dataset (`acis_jax.data.nnunet`):
 imagesTr/synth_NNNN_0000.nii.gz (HU, int16, the inverse of the training window),
@@ -21,6 +25,7 @@ import jax
 import numpy as np
 
 from acis_jax.data.nifti import save_nifti
+from acis_jax.data.sources import Example
 from acis_jax.data.nnunet import image_file, label_file, write_dataset_json
 from acis_jax.data.synthetic import run_labels, synthetic_name
 from acis_jax.data.preprocess import unwindow_hu
@@ -28,27 +33,48 @@ from acis_jax.eval import quality
 from acis_jax.rng import stream_key
 from acis_jax.train.networks import load_network
 from acis_jax.train.stages import generator_sources
-from acis_jax.train.trainer import make_chain, model_fingerprint
+from acis_jax.pseudomask import PseudoMaskParams
+from acis_jax.train.trainer import (TrainingData, load_training_data, make_chain,
+                                    model_fingerprint, run_fingerprint)
 from acis_jax.viz import contact_sheet
 from acis_jax.workdir import Workdir, replaced_folder
 
 
-def make_sampler(config):
-  """`sample(params, key, size) -> (pseudo-masks, labels or None, images)`, jitted: the chain
-  of sec 2.2 with the image generator's dropout on, as in pix2pix, as a source of variety."""
+def make_sampler(config, data: TrainingData | None = None):
+  """`sample(params, key, start, size) -> (pseudo-masks, labels or None, images)`, jitted,
+  for pairs `start .. start + size - 1`, from `config.synthesize.source`:
+  - "generated": the chain of sec 2.2 from noise;
+  - "real": variants of the real training cases `data` (`Chain.variants`), pair k from
+    case `k * n // num_samples` of the n, so every case gets its share.
+  The image generator's dropout is on, as in pix2pix, as a source of variety."""
+  settings = config.synthesize
   chain = make_chain(config, generator_sources(config, refined=True))
-  return jax.jit(chain.sample, static_argnames="size")
+  if settings.source == "generated":
+    chain_sample = jax.jit(chain.sample, static_argnames="size")
+    return lambda params, key, start, size: chain_sample(params, key, size=size)
+  pseudomask = PseudoMaskParams.from_config(config.pseudomask)
+  variants = jax.jit(lambda params, key, images, labels: chain.variants(
+      params, key, images, labels, pseudomask, settings.deformation,
+      settings.deformation_scale))
+
+  def sample(params, key, start, size):
+    cases = np.arange(start, start + size) * len(data.images) // settings.num_samples
+    labels = None if data.labels is None else data.labels[cases]
+    return variants(params, key, data.images[cases], labels)
+  return sample
 
 
-def write_pairs(config, workdir: Workdir, arm: str) -> None:
+def write_pairs(config, workdir: Workdir, arm: str, data: TrainingData | None) -> None:
   grid = workdir.read_grid()
   affine = np.asarray(grid["affine"])
   # Every process takes part in orbax's restore; process 0 alone samples and writes.
-  params = {name: load_network(workdir, stage, name, config)
-            for name, stage in generator_sources(config, refined=arm == "acis").items()}
+  sources = generator_sources(config, refined=arm == "acis")
+  if config.synthesize.source == "real":
+    sources = {"image_generator": sources["image_generator"]}
+  params = {name: load_network(workdir, stage, name, config) for name, stage in sources.items()}
   if jax.process_index() != 0:
     return
-  sample = make_sampler(config)
+  sample = make_sampler(config, data)
   settings = config.synthesize
   key = stream_key(config.seed, "synthesize")  # the same for ACIS and ACIS-
   final = workdir.synthetic(arm)
@@ -57,7 +83,7 @@ def write_pairs(config, workdir: Workdir, arm: str) -> None:
     for start in range(0, settings.num_samples, settings.batch_size):
       size = min(settings.batch_size, settings.num_samples - start)
       masks, labels, images = jax.device_get(
-          sample(params, jax.random.fold_in(key, start), size=size))
+          sample(params, jax.random.fold_in(key, start), start, size))
       for i in range(size):
         name = synthetic_name(start + i)
         hu = np.round(unwindow_hu(images[i, ..., 0])).astype(np.int16)
@@ -77,14 +103,22 @@ def write_pairs(config, workdir: Workdir, arm: str) -> None:
   logging.info("[synthesize %s] wrote %s", arm.upper(), final)
 
 
-def run(config, workdir: str) -> None:
+def run(config, workdir: str, examples: list[Example] | None = None) -> None:
+  """Writes the synthetic folders. `examples`: the real cases the run was trained on, when
+  they are not those `config.data` names (the evaluation's few-shot synthesizers); read
+  only with `synthesize.source="real"`, and checked against the run's fingerprint."""
   workdir = Workdir(workdir)
   lead = jax.process_index() == 0
   with workdir.lock() if lead else contextlib.nullcontext():
-    workdir.require_trained(model_fingerprint(config))
-    write_pairs(config, workdir, "acis")
+    data = None
+    if config.synthesize.source == "real":
+      data = load_training_data(config, examples)
+      workdir.require_trained(run_fingerprint(config, data))
+    else:
+      workdir.require_trained(model_fingerprint(config))
+    write_pairs(config, workdir, "acis", data)
     if config.synthesize.unrefined:
-      write_pairs(config, workdir, "acis-")
+      write_pairs(config, workdir, "acis-", data)
     if config.synthesize.quality and jax.process_count() > 1:
       # Its network reads and segmenter cache are single-process: orbax's are collective.
       logging.info("[synthesize] no quality report in a multi-process run: run mode=quality "

@@ -151,13 +151,16 @@ class ConvBlock(nnx.Module):
 class ConvStage(nnx.Module):
   """`num_convs` 3-wide ConvBlocks at one resolution, then optional dropout.
 
+  `channel_dropout=True` drops whole feature maps (one draw per channel, shared over space:
+  SpatialDropout, Tompson et al. 2015) instead of single activations.
+
   Dropout runs only when a key is given. `remat=True` recomputes the stage's activations in
   the backward pass instead of storing them (memory for compute, for 3-D volumes).
   """
 
   def __init__(self, in_features: int, out_features: int, ndim: int, *, num_convs: int = 2,
                norm: str = "group", activation: str = "leaky_relu", dropout: float = 0.0,
-               remat: bool = False, dtype: Any = None, rngs: nnx.Rngs):
+               channel_dropout: bool = False, remat: bool = False, dtype: Any = None, rngs: nnx.Rngs):
     if num_convs < 1:
       raise ValueError(f"num_convs must be at least 1, got {num_convs}")
     if not 0.0 <= dropout < 1.0:
@@ -166,7 +169,8 @@ class ConvStage(nnx.Module):
     self.blocks = nnx.List([
         ConvBlock(a, b, ndim, norm=norm, activation=activation, dtype=dtype, rngs=rngs)
         for a, b in zip(widths[:-1], widths[1:])])
-    self.dropout = nnx.Dropout(dropout) if dropout > 0 else None
+    spatial_axes = tuple(range(1, ndim + 1)) if channel_dropout else ()
+    self.dropout = nnx.Dropout(dropout, broadcast_dims=spatial_axes) if dropout > 0 else None
     self.remat = remat
 
   def _forward(self, x: jax.Array, key: jax.Array | None) -> jax.Array:
@@ -230,6 +234,7 @@ class UNet(nnx.Module):
   multiple of `2 ** (len(features) - 1)`. Encoder: a ConvStage per level, `Down` between levels.
   Decoder: `Up`, concatenate the encoder's skip, a ConvStage. Dropout (when a key is given)
   follows the `dropout_stages` deepest decoder stages (None: every decoder stage); pix2pix uses 3.
+  `channel_dropout`: whole feature maps are dropped (`ConvStage`).
   `remat=True` recomputes each encoder stage, and each decoder level from its coarse input
   and skip, in the backward pass: the full-resolution concatenation is never stored.
   """
@@ -237,7 +242,8 @@ class UNet(nnx.Module):
   def __init__(self, in_features: int, ndim: int, *, features: Sequence[int] = (32, 64, 128, 256),
                convs_per_level: int = 2, norm: str = "group", activation: str = "leaky_relu",
                down: str = "conv", up: str = "nearest", dropout: float = 0.0,
-               dropout_stages: int | None = None, remat: bool = False, dtype: Any = None,
+               dropout_stages: int | None = None, channel_dropout: bool = False,
+               remat: bool = False, dtype: Any = None,
                rngs: nnx.Rngs):
     check_ndim(ndim)
     features = tuple(int(f) for f in features)
@@ -262,7 +268,8 @@ class UNet(nnx.Module):
     # remat is the whole level's (see `__call__`).
     self.decoder = nnx.List([
         ConvStage(features[i + 1] + features[i], features[i], ndim,
-                  dropout=dropout if i >= levels - 1 - n_drop else 0.0, **stage)
+                  dropout=dropout if i >= levels - 1 - n_drop else 0.0,
+                  channel_dropout=channel_dropout, **stage)
         for i in range(levels - 1)])
 
   def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:

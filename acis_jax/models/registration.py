@@ -3,7 +3,9 @@
 `(moving, fixed)` -> stationary velocity `v` -> scaling and squaring -> displacement `phi`,
 in voxel units, component `i` along array axis `i` (the `acis_jax.spatial` convention), so that
 `warp(moving, phi)` resembles `fixed`. With dropout and a key, each pass draws a different field:
-`register` runs T such passes as one vectorised call (the `phi_t` of eq. 3).
+`register` runs T such passes as one vectorised call (the `phi_t` of eq. 3). Dropout drops
+whole feature maps of the coarse decoder levels, so two passes differ by a deformation as
+smooth as the fields themselves, as two plausible registrations do, not by per-voxel noise.
 
 Default widths follow VoxelMorph (ref [23]): levels `(16, 32, 32, 32, 32)` with one conv per
 level (encoder 16-32-32-32, decoder 32-32-32-32 with skips) and two full-resolution convs
@@ -27,8 +29,8 @@ class RegistrationNet(nnx.Module):
 
   Spatial sizes must be multiples of `2 ** (len(features) - 1)`. The velocity head starts near
   zero (weights ~ N(0, 1e-5), zero bias), so an untrained net gives a near-identity transform.
-  Dropout (rate `dropout`, after every decoder stage and full-resolution conv) runs only when a
-  key is given. `int_downsize > 1` integrates at that many times coarser resolution (VoxelMorph's
+  Dropout (rate `dropout`, whole feature maps, after every decoder stage but the
+  full-resolution one) runs only when a key is given. `int_downsize > 1` integrates at that many times coarser resolution (VoxelMorph's
   `int_downsize`; 2 is 8x cheaper in 3-D).
   """
 
@@ -46,12 +48,11 @@ class RegistrationNet(nnx.Module):
     self.int_downsize = int_downsize
     self.unet = UNet(2 * in_channels, ndim, features=features, convs_per_level=convs_per_level,
                      norm=norm, activation=activation, down=down, up=up, dropout=dropout,
-                     remat=remat, dtype=dtype, rngs=rngs)
+                     dropout_stages=len(features) - 2, channel_dropout=True, remat=remat, dtype=dtype, rngs=rngs)
     widths = [self.unet.features[0], *final_convs]
     self.final = nnx.List([
         ConvBlock(a, b, ndim, norm=norm, activation=activation, dtype=dtype, rngs=rngs)
         for a, b in zip(widths[:-1], widths[1:])])
-    self.dropout = nnx.Dropout(dropout) if dropout > 0 else None
     self.flow = conv(widths[-1], ndim, ndim, kernel_size=3, dtype=dtype,
                      kernel_init=nnx.initializers.normal(1e-5), rngs=rngs)
 
@@ -62,20 +63,21 @@ class RegistrationNet(nnx.Module):
     check_input(fixed, self.ndim, self.in_channels, "fixed image")
     if moving.shape != fixed.shape:
       raise ValueError(f"moving {moving.shape} and fixed {fixed.shape} shapes differ")
-    unet_key, final_key = (None, None) if key is None else jax.random.split(key)
-    x = self.unet(jnp.concatenate([moving, fixed], axis=-1), unet_key)
-    for i, block in enumerate(self.final):
+    x = self.unet(jnp.concatenate([moving, fixed], axis=-1), key)
+    for block in self.final:
       x = block(x)
-      if self.dropout is not None:
-        x = self.dropout(x, deterministic=key is None,
-                         rngs=None if key is None else jax.random.fold_in(final_key, i))
     return self.flow(x).astype(jnp.float32)
+
+  def fields(self, moving: jax.Array, fixed: jax.Array, *,
+             key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """`(velocity, displacement)`, both `(b, *spatial, ndim)` in voxels."""
+    v = self.velocity(moving, fixed, key=key)
+    return v, integrate_velocity(v, steps=self.integration_steps, downsize=self.int_downsize)
 
   def __call__(self, moving: jax.Array, fixed: jax.Array, *,
                key: jax.Array | None = None) -> jax.Array:
     """Displacement `(b, *spatial, ndim)`, voxels: `warp(moving, phi)` approximates `fixed`."""
-    v = self.velocity(moving, fixed, key=key)
-    return integrate_velocity(v, steps=self.integration_steps, downsize=self.int_downsize)
+    return self.fields(moving, fixed, key=key)[1]
 
 
 @partial(jax.jit, static_argnums=(0, 5))

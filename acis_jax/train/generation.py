@@ -1,4 +1,5 @@
-"""The generation chain of sec 2.2: noise -> pseudo-mask -> labels -> image.
+"""The generation chain of sec 2.2: noise -> pseudo-mask -> labels -> image, and its variant
+from real anatomy: real case -> random diffeomorphism -> pseudo-mask and labels -> image.
 
 One home for it: the training steps (fine-tuning on generated conditions, refinement) and
 `synthesize` call the same links. Networks are passed as parameters (`{name: nnx.State}`)
@@ -13,6 +14,9 @@ from typing import Mapping
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from acis_jax.pseudomask import PseudoMaskParams, pseudo_mask
+from acis_jax.spatial import integrate_velocity, random_velocity, warp, warp_labels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,3 +67,28 @@ class Chain:
     masks = self.masks(params, mask_key, size)
     labels = self.labels(params, masks)
     return masks, labels, self.image(params, self.condition(masks, labels), image_key)
+
+  def variants(self, params: Mapping, key: jax.Array, images: jax.Array,
+               labels: jax.Array | None, pseudomask: PseudoMaskParams, rms: float,
+               scale: float):
+    """`(pseudo-masks, labels or None, images)`: one new variant of each real case.
+
+    Each real image `(b, *spatial, 1)` and its labels `(b, *spatial)` are moved by their own
+    random smooth diffeomorphism (`random_velocity(rms, scale)`, integrated by scaling and
+    squaring, as the registration net's fields); the pseudo-mask is a fresh one (new seeds)
+    of the moved image, so it stays piecewise constant, and the labels are the real ones
+    moved (exact up to resampling); the image generator paints the image.
+    """
+    size, spatial = images.shape[0], images.shape[1:-1]
+    field_keys, mask_keys = jnp.split(jax.random.split(jax.random.fold_in(key, 0), 2 * size), 2)
+    disp = integrate_velocity(jax.vmap(lambda k: random_velocity(k, spatial, rms, scale))(
+        field_keys))
+    moved = warp(images, disp)
+    masks = jax.vmap(lambda k, x: pseudo_mask(k, x[..., 0], pseudomask).mask)(
+        mask_keys, moved)[..., None]
+    if labels is not None and self.num_classes:
+      labels = warp_labels(labels, disp, self.num_classes)
+    else:
+      labels = None
+    return masks, labels, self.image(params, self.condition(masks, labels),
+                                     jax.random.fold_in(key, 1))

@@ -5,7 +5,8 @@ derived from it: the networks a stage reads frozen and which stage made each
 (`Stage.frozen`), the earlier result a trained network continues from
 (`Stage.init_from`), and which stage's result `synthesize` samples from (`generator_sources`).
 
-  masks         mask generator vs WGAN-GP critic; annotation generator (sec 2.2)
+  masks         mask generator vs WGAN-GP critic; annotation generator (sec 2.2), then the
+                annotation generator alone, also on generated pseudo-masks
   images        pix2pix image generator, then fine-tuning on generated conditions (sec 2.2)
   registration  the registration net on pairs of real images (sec 2.3)
   refine        annotation and image generators refined by the registration reward (sec 2.3)
@@ -54,7 +55,9 @@ def stages(config) -> list[Stage]:
   table = [
       Stage("masks", ("mask_generator", "mask_critic") + annotation
             + (("label_discriminator",) if labelled else ()),
-            ((train.masks_steps, steps.make_masks_step),)),
+            ((train.masks_steps, steps.make_masks_step),)
+            + (((train.annotation_finetune_steps,
+                 functools.partial(steps.make_masks_step, finetune=True)),) if labelled else ())),
       Stage("images", ("image_generator", "image_discriminator"),
             ((train.images_steps, functools.partial(steps.make_images_step, finetune=False)),
              (train.images_finetune_steps,

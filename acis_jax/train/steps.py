@@ -88,27 +88,90 @@ def patches(ctx: StepContext, key: jax.Array, *arrays):
   return random_crops(key, arrays, ctx.patch_shape)
 
 
+def generated_masks(ctx: StepContext, params: dict, size: int, key: jax.Array) -> jax.Array:
+  """Pseudo-masks of the mask generator (patches of them, with a patch shape)."""
+  mask_key, patch_key = jax.random.split(key)
+  masks, = patches(ctx, patch_key, ctx.chain.masks(params, mask_key, size))
+  return masks
+
+
 def generated_pairs(ctx: StepContext, frozen: dict, size: int, key: jax.Array):
   """Generated pseudo-masks (patches of them, with a patch shape) and hard labels (None when
   label-free) from the stage-1 generators."""
-  mask_key, patch_key = jax.random.split(key)
-  masks, = patches(ctx, patch_key, ctx.chain.masks(frozen, mask_key, size))
+  masks = generated_masks(ctx, frozen, size, key)
   return masks, ctx.chain.labels(frozen, masks)
 
 
-def make_masks_step(ctx: StepContext) -> Callable:
-  """Stage 1: mask generator vs WGAN-GP critic; annotation generator, supervised + adversarial."""
+def straight_through_one_hot(logits: jax.Array) -> jax.Array:
+  """One-hot of the argmax forward, the softmax's gradient backward: what the label
+  discriminator sees of generated labels, hard like the real ones it is compared with (soft
+  fakes against one-hot reals are told apart by their values alone)."""
+  probs = jax.nn.softmax(logits)
+  hard = jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=probs.dtype)
+  return probs + jax.lax.stop_gradient(hard - probs)
+
+
+def annotation_update(ctx: StepContext, state: TrainState, masks, labels, generated,
+                      key: jax.Array) -> tuple[TrainState, dict]:
+  """One update of the annotation generator (Dice + CE on the real pseudo-masks, plus the
+  adversarial term) and of the label discriminator on (pseudo-mask, labels) pairs.
+
+  `generated` pseudo-masks (None: not used) are the mask generator's, which the annotation generator
+  labels at synthesis: their labels are judged too, so it learns to label them.
+  """
+  real_pair = ctx.chain.condition(masks, labels)
+  fake_masks = masks if generated is None else jnp.concatenate([masks, generated])
+  real_key, generated_key = jax.random.split(key)
+
+  def fake_pairs(params):
+    logits = ctx.net("annotation_generator", params)(masks, key=real_key)
+    fakes = [logits]
+    if generated is not None:
+      fakes.append(ctx.net("annotation_generator", params)(generated, key=generated_key))
+    pairs = jnp.concatenate([fake_masks, straight_through_one_hot(jnp.concatenate(fakes))], -1)
+    return logits, pairs
+
+  def annotation_loss(params):
+    logits, pairs = fake_pairs(params)
+    supervised = losses.dice_ce_loss(logits, labels, ctx.num_classes)
+    disc = ctx.net("label_discriminator", state.params["label_discriminator"])
+    adversarial = losses.lsgan_generator_loss(disc(pairs))
+    return supervised + ctx.train.adversarial_weight * adversarial, (pairs, supervised)
+
+  (_, (pairs, supervised)), grads = jax.value_and_grad(annotation_loss, has_aux=True)(
+      state.params["annotation_generator"])
+  state, _ = apply_gradients(ctx, state, "annotation_generator", grads)
+  pairs = jax.lax.stop_gradient(pairs)
+
+  def discriminator_loss(params):
+    disc = ctx.net("label_discriminator", params)
+    return losses.lsgan_discriminator_loss(disc(real_pair), disc(pairs))
+
+  disc_value, grads = jax.value_and_grad(discriminator_loss)(state.params["label_discriminator"])
+  state, _ = apply_gradients(ctx, state, "label_discriminator", grads)
+  return state, {"annotation_loss": supervised, "label_discriminator_loss": disc_value}
+
+
+def make_masks_step(ctx: StepContext, finetune: bool = False) -> Callable:
+  """Stage 1: mask generator vs WGAN-GP critic; annotation generator, supervised + adversarial.
+
+  Phase 2 (`finetune=True`, labelled runs) holds the mask GAN still and goes on training the
+  annotation generator, its adversarial term now also on labels of generated pseudo-masks:
+  the masks it labels at synthesis, which it would otherwise never see.
+  """
   train = ctx.train
 
-  def step(state, frozen, batch, key):
-    del frozen
-    prep_key, z_key, gp_key, drop_key, patch_key = jax.random.split(key, 5)
-    image, labels, masks = prepare_real(ctx, batch, prep_key)
-    z = jax.random.normal(z_key, (image.shape[0], ctx.chain.latent_dim))
+  def gan_update(state, masks, key):
+    critic_z_key, generator_z_key, gp_key = jax.random.split(key, 3)
+    size = masks.shape[0]
+    critic_z = jax.random.normal(critic_z_key, (size, ctx.chain.latent_dim))
+    # Fresh latents for the generator: on the critic's it would chase the scores the critic
+    # has just been fitted to.
+    generator_z = jax.random.normal(generator_z_key, (size, ctx.chain.latent_dim))
 
     def critic_loss(params):
       critic = ctx.net("mask_critic", params)
-      fake = ctx.net("mask_generator", state.params["mask_generator"])(z)
+      fake = ctx.net("mask_generator", state.params["mask_generator"])(critic_z)
       return losses.wgan_gp_critic_loss(critic, masks, jax.lax.stop_gradient(fake), gp_key,
                                         train.gradient_penalty)
 
@@ -116,7 +179,7 @@ def make_masks_step(ctx: StepContext) -> Callable:
     state, critic_norm = apply_gradients(ctx, state, "mask_critic", grads)
 
     def generator_loss(params):
-      fake = ctx.net("mask_generator", params)(z)
+      fake = ctx.net("mask_generator", params)(generator_z)
       return losses.wgan_generator_loss(ctx.net("mask_critic", state.params["mask_critic"])(fake))
 
     # The generator moves once per `n_critic` critic updates (WGAN-GP's schedule). Both
@@ -126,37 +189,51 @@ def make_masks_step(ctx: StepContext) -> Callable:
     updated, generator_norm = apply_gradients(ctx, state, "mask_generator", grads)
     move = state.step % train.n_critic == 0
     state = jax.tree.map(lambda new, old: jnp.where(move, new, old), updated, state)
-    metrics = {"critic_loss": critic_value, "mask_generator_loss": generator_value,
-               "critic_grad_norm": critic_norm, "mask_generator_grad_norm": generator_norm}
+    return state, {"critic_loss": critic_value, "mask_generator_loss": generator_value,
+                   "critic_grad_norm": critic_norm, "mask_generator_grad_norm": generator_norm}
 
+  def step(state, frozen, batch, key):
+    del frozen
+    prep_key, gan_key, drop_key, patch_key, generated_key = jax.random.split(key, 5)
+    _, labels, masks = prepare_real(ctx, batch, prep_key)
+    metrics = {}
+    if not finetune:
+      state, metrics = gan_update(state, masks, gan_key)
     if ctx.num_classes:
+      generated = None
+      if finetune:
+        generated = jax.lax.stop_gradient(generated_masks(
+            ctx, state.params, masks.shape[0], generated_key))
       masks, labels = patches(ctx, patch_key, masks, labels)
-      real_pair = ctx.chain.condition(masks, labels)
-
-      def annotation_loss(params):
-        logits = ctx.net("annotation_generator", params)(masks, key=drop_key)
-        supervised = losses.dice_ce_loss(logits, labels, ctx.num_classes)
-        fake_pair = jnp.concatenate([masks, jax.nn.softmax(logits)], axis=-1)
-        disc = ctx.net("label_discriminator", state.params["label_discriminator"])
-        adversarial = losses.lsgan_generator_loss(disc(fake_pair))
-        return supervised + train.adversarial_weight * adversarial, (logits, supervised)
-
-      (_, (logits, supervised)), grads = jax.value_and_grad(annotation_loss, has_aux=True)(
-          state.params["annotation_generator"])
-      state, _ = apply_gradients(ctx, state, "annotation_generator", grads)
-      fake_pair = jnp.concatenate([masks, jax.nn.softmax(jax.lax.stop_gradient(logits))], -1)
-
-      def discriminator_loss(params):
-        disc = ctx.net("label_discriminator", params)
-        return losses.lsgan_discriminator_loss(disc(real_pair), disc(fake_pair))
-
-      disc_value, grads = jax.value_and_grad(discriminator_loss)(
-          state.params["label_discriminator"])
-      state, _ = apply_gradients(ctx, state, "label_discriminator", grads)
-      metrics |= {"annotation_loss": supervised, "label_discriminator_loss": disc_value}
+      state, annotation_metrics = annotation_update(ctx, state, masks, labels, generated,
+                                                    drop_key)
+      metrics |= annotation_metrics
     return state.next_step(), metrics
 
   return step
+
+
+def mismatched(condition: jax.Array) -> jax.Array:
+  """Conditions that belong to other examples: the batch rolled by one, or, for a batch of
+  one, the condition mirrored along the first spatial axis."""
+  if condition.shape[0] > 1:
+    return jnp.roll(condition, 1, axis=0)
+  return jnp.flip(condition, axis=1)
+
+
+def image_discriminator_loss(disc: Callable, image, real_condition, fakes) -> jax.Array:
+  """LSGAN loss of the image discriminator, judging (image, condition) pairs (sec 2.2).
+
+  Real: each real image with its own condition. Fake: every `(image, condition)` pair of
+  `fakes` (generated images with the conditions they were made from) and each real image
+  with another example's condition (`mismatched`). Both sets then hold real conditions, so
+  a discriminator cannot reject fakes by the condition alone: it must judge whether image
+  and condition agree.
+  """
+  fakes = list(fakes) + [(image, mismatched(real_condition))]
+  fake_input = jnp.concatenate([jnp.concatenate(pair, axis=-1) for pair in fakes])
+  return losses.lsgan_discriminator_loss(
+      disc(jnp.concatenate([image, real_condition], axis=-1)), disc(fake_input))
 
 
 def make_images_step(ctx: StepContext, finetune: bool) -> Callable:
@@ -165,7 +242,7 @@ def make_images_step(ctx: StepContext, finetune: bool) -> Callable:
   Phase 1 (`finetune=False`) conditions on real pseudo-masks and labels. Phase 2
   conditions the adversarial term on generated pseudo-masks and labels (sec 2.2)
   and keeps the reconstruction term on the real batch, which anchors the
-  generator while it adapts.
+  generator while it adapts; the discriminator sees the images of both conditions.
   """
   train = ctx.train
 
@@ -190,17 +267,18 @@ def make_images_step(ctx: StepContext, finetune: bool) -> Callable:
           disc(jnp.concatenate([fake, fake_condition], axis=-1)))
       mse = losses.mse(reconstruction, image)
       return train.reconstruction_weight * mse + train.adversarial_weight * adversarial, (
-          fake, mse, adversarial)
+          reconstruction, fake, mse, adversarial)
 
-    (_, (fake, mse, adversarial)), grads = jax.value_and_grad(generator_loss, has_aux=True)(
-        state.params["image_generator"])
+    (_, (reconstruction, fake, mse, adversarial)), grads = jax.value_and_grad(
+        generator_loss, has_aux=True)(state.params["image_generator"])
     state, generator_norm = apply_gradients(ctx, state, "image_generator", grads)
-    fake_input = jnp.concatenate([jax.lax.stop_gradient(fake), fake_condition], axis=-1)
-    real_input = jnp.concatenate([image, real_condition], axis=-1)
+    fakes = [(jax.lax.stop_gradient(reconstruction), real_condition)]
+    if finetune:
+      fakes.append((jax.lax.stop_gradient(fake), fake_condition))
 
     def discriminator_loss(params):
-      disc = ctx.net("image_discriminator", params)
-      return losses.lsgan_discriminator_loss(disc(real_input), disc(fake_input))
+      return image_discriminator_loss(ctx.net("image_discriminator", params), image,
+                                      real_condition, fakes)
 
     disc_value, grads = jax.value_and_grad(discriminator_loss)(
         state.params["image_discriminator"])
@@ -212,7 +290,8 @@ def make_images_step(ctx: StepContext, finetune: bool) -> Callable:
 
 
 def make_registration_step(ctx: StepContext) -> Callable:
-  """Stage 3: the registration net on pairs of real images (NCC + smoothness), dropout on."""
+  """Stage 3: the registration net on pairs of real images (NCC + smoothness of the
+  velocity), dropout on."""
   train = ctx.train
 
   def step(state, frozen, batch, key):
@@ -223,9 +302,10 @@ def make_registration_step(ctx: StepContext) -> Callable:
     moving, fixed = patches(ctx, patch_key, moving, fixed)
 
     def loss(params):
-      disp = ctx.net("registration", params)(moving, fixed, key=drop_key)
+      # VoxelMorph's diffeomorphic variant regularises the velocity it integrates.
+      velocity, disp = ctx.net("registration", params).fields(moving, fixed, key=drop_key)
       similarity = losses.ncc_loss(fixed, warp(moving, disp))
-      smooth = losses.smoothness_loss(disp)
+      smooth = losses.smoothness_loss(velocity)
       return similarity + train.smoothness_weight * smooth, (similarity, smooth, disp)
 
     (_, (similarity, smooth, disp)), grads = jax.value_and_grad(loss, has_aux=True)(

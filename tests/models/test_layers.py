@@ -124,3 +124,16 @@ def test_conv_layers_take_the_folded_path_on_cpu_only(monkeypatch):
   block2d = ConvBlock(2, 3, 2, norm="none", rngs=nnx.Rngs(0))
   block2d(x[:, 0])
   assert len(calls) == (1 if jax.default_backend() == "cpu" else 0)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_channel_dropout_drops_whole_feature_maps(ndim, rngs):
+  """Each channel is kept everywhere (scaled by 1 / (1 - rate)) or dropped everywhere."""
+  stage = ConvStage(2, 16, ndim, num_convs=1, dropout=0.5, channel_dropout=True, rngs=rngs())
+  x = jax.random.normal(jax.random.key(0), (2, *(8,) * ndim, 2))
+  plain, dropped = stage(x), stage(x, jax.random.key(1))
+  ratio = np.asarray(dropped / plain).reshape(2, -1, 16)
+  kept = np.isclose(ratio, 2.0, rtol=1e-4)
+  assert (kept | (ratio == 0)).all()
+  assert (kept.all(axis=1) | (~kept).all(axis=1)).all()  # one draw per channel
+  assert 0 < kept[:, 0].mean() < 1

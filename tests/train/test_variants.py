@@ -1,0 +1,101 @@
+"""`synthesize.source="real"`: variants of the real cases, moved by random diffeomorphisms,
+in 2-D and 3-D, through the chain and through `synthesize`."""
+import os
+
+import jax
+import jax.numpy as jnp
+import nibabel as nib
+import numpy as np
+import pytest
+
+from acis_jax.config_utils import load_config_file
+from acis_jax.data.phantom import chest_phantom
+from acis_jax.data.preprocess import window_hu
+from acis_jax.jobs import synthesize
+from acis_jax.pseudomask import PseudoMaskParams, pseudo_mask
+from acis_jax.train import trainer
+from acis_jax.train.networks import init_networks
+from acis_jax.workdir import FingerprintMismatch
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def mean_dice(a: np.ndarray, b: np.ndarray) -> float:
+  """Mean Dice over the foreground classes present in `b`."""
+  classes = [k for k in np.unique(b) if k]
+  return float(np.mean([2 * np.sum((a == k) & (b == k)) / (np.sum(a == k) + np.sum(b == k))
+                        for k in classes]))
+
+
+def smoke(preset=None):
+  return load_config_file(os.path.join(REPO, "experiments", "smoke.py"), preset)
+
+
+def real_cases(config, count=2):
+  shape = tuple(config.data.image_shape)
+  cases = [chest_phantom(shape, seed=seed) for seed in range(count)]
+  images = jnp.asarray(np.stack([window_hu(hu) for hu, _ in cases])[..., None], jnp.float32)
+  labels = jnp.asarray(np.stack([label for _, label in cases]), jnp.int32)
+  return images, labels
+
+
+@pytest.mark.parametrize("preset", [None, "3d"])
+def test_variants_keep_the_real_labels_moved_and_make_new_images(preset):
+  config = smoke(preset)
+  chain = trainer.make_chain(config, ["image_generator"])
+  _, params = init_networks(["image_generator"], config, 0)
+  images, labels = real_cases(config)
+  pm = PseudoMaskParams.from_config(config.pseudomask)
+  key = jax.random.key(2)
+
+  # No deformation: the labels are the real ones and the mask a pseudo-mask of the real image.
+  masks, same, fake = chain.variants(params, key, images, labels, pm, 0.0, 4.0)
+  np.testing.assert_array_equal(same, labels)
+  assert fake.shape == images.shape and masks.shape == images.shape
+  assert float(jnp.min(fake)) >= 0.0 and float(jnp.max(fake)) <= 1.0
+  for mask, image in zip(masks, images):
+    values = set(np.unique(np.asarray(mask)).tolist())
+    assert values <= set(np.unique(np.asarray(image)).tolist())  # cells take image values
+
+  # A deformation moves the labels: each case's classes stay, overlapping their old places.
+  _, moved, _ = chain.variants(params, key, images, labels, pm, 1.5, 4.0)
+  assert moved.shape == labels.shape
+  for real, variant in zip(np.asarray(labels), np.asarray(moved)):
+    assert set(np.unique(variant)) == set(np.unique(real))
+    assert not np.array_equal(real, variant)
+    assert 0.5 < mean_dice(variant, real) < 1.0
+
+
+def test_synthesize_from_real_cases_writes_variants_of_them(tmp_path):
+  config = smoke()
+  for field in ("masks_steps", "annotation_finetune_steps", "images_steps",
+                "images_finetune_steps", "registration_steps"):
+    config.train[field] = 0
+  config.refine.steps = 0
+  config.train.batch_size = 8
+  trainer.train(config, str(tmp_path))
+  config.synthesize.source = "real"
+  data = trainer.load_training_data(config)
+  folder = tmp_path / "synthetic" / "labelsTr"
+
+  def written_labels():
+    paths = sorted(folder.iterdir())
+    assert len(paths) == config.synthesize.num_samples
+    return [np.asarray(nib.load(path).dataobj) for path in paths]
+
+  config.synthesize.deformation = 0.0  # the real labels themselves
+  synthesize.run(config, str(tmp_path))
+  for variant in written_labels():
+    np.testing.assert_array_equal(variant, data.labels[0])
+  config.synthesize.deformation = 1.0
+  synthesize.run(config, str(tmp_path))
+  variants = written_labels()
+  for variant in variants:
+    assert set(np.unique(variant)) == set(np.unique(data.labels[0]))
+    assert 0.5 < mean_dice(variant, data.labels[0]) < 1.0
+  assert not np.array_equal(variants[0], variants[1])  # each its own deformation
+
+  # Variants of other cases than the run's are refused, naming the difference.
+  config.data.phantom_seed = 1
+  with pytest.raises(FingerprintMismatch, match=r"data\.digest"):
+    synthesize.run(config, str(tmp_path))
