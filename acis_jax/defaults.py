@@ -14,7 +14,7 @@ from acis_jax.pseudomask import PseudoMaskParams
 from acis_jax.workdir import SYNTHETIC_FOLDERS
 
 # What `synthesize` starts each pair from (acis_jax.jobs.synthesize).
-SYNTHESIS_SOURCES = ("generated", "real")
+SYNTHESIS_SOURCES = ("generated", "real", "labels")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -92,11 +92,15 @@ def base_config() -> ml_collections.ConfigDict:
   config.synthesize.batch_size = 2
   config.synthesize.unrefined = False      # also write ACIS- (before refinement)
   config.synthesize.quality = True         # and the quality report of each synthetic folder
-  config.synthesize.source = "generated"   # noise -> mask -> labels -> image (sec 2.2), or
+  config.synthesize.source = "generated"   # noise -> mask -> labels -> image (sec 2.2);
                                            # "real": each real case moved by a random smooth
-                                           # diffeomorphism -> new mask, its labels -> image
+                                           # diffeomorphism -> new mask, its labels -> image;
+                                           # "labels": the maps of labels_dir -> the nearest
+                                           # real case registered onto each -> mask -> image
   config.synthesize.deformation = 2.0      # "real": RMS of the velocity field, voxels
   config.synthesize.deformation_scale = 8.0  # "real": its smoothing Gaussian's std, voxels
+  config.synthesize.labels_dir = ""        # "labels": a folder of label maps (a labelsTr)
+  config.synthesize.label_fit_steps = 300  # "labels": Adam steps of the label registration
 
   config.quality = ml_collections.ConfigDict()  # acis_jax.eval.quality
   config.quality.segmenter_steps = 300     # its U-Net (evaluate.nets.unet), on real cases only
@@ -129,7 +133,7 @@ _AT_LEAST = {
     "train.registration_steps": 0, "refine.steps": 0, "refine.passes": 2,
     "synthesize.num_samples": 1, "synthesize.batch_size": 1,
     "pseudomask.num_seeds": 1, "pseudomask.num_edge_points": 1, "export.num_folds": 0,
-    "quality.segmenter_steps": 1,
+    "quality.segmenter_steps": 1, "synthesize.label_fit_steps": 1,
 }
 
 
@@ -158,6 +162,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if config.synthesize.source not in SYNTHESIS_SOURCES:
     problems.append(f"synthesize.source={config.synthesize.source!r} (one of "
                     f"{list(SYNTHESIS_SOURCES)})")
+  if config.synthesize.source == "labels" and not config.synthesize.labels_dir:
+    problems.append("synthesize.source='labels' needs synthesize.labels_dir (a folder of "
+                    "label maps, e.g. a labelsTr)")
+  if config.synthesize.source == "labels" and not config.data.num_classes:
+    problems.append("synthesize.source='labels' needs a labelled run (data.num_classes > 0)")
   if not config.synthesize.deformation >= 0:
     problems.append(f"synthesize.deformation={config.synthesize.deformation!r} (voxels, >= 0)")
   if not config.synthesize.deformation_scale > 0:

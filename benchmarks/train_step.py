@@ -47,7 +47,6 @@ Columns:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import json
 import math

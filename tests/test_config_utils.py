@@ -88,12 +88,25 @@ def test_the_branch_finder_sees_a_branch_on_a_field():
 @pytest.mark.parametrize("field, value", [
     ("train.batch_size", 0), ("train.checkpoint_every", 0), ("train.log_every", 0),
     ("data.max_cases", -1), ("data.num_classes", -1), ("data.num_classes", 1),
-    ("refine.passes", 1), ("data.image_shape", (32, 0))])
+    ("refine.passes", 1), ("data.image_shape", (32, 0)), ("synthesize.source", "noise"),
+    ("synthesize.deformation", -1.0), ("synthesize.deformation_scale", 0.0),
+    ("train.annotation_finetune_steps", -1)])
 def test_impossible_values_are_refused_naming_the_field(field, value):
   config = load_config_file(str(EXPERIMENTS / "smoke.py"))
   section, name = field.split(".")
   config[section][name] = value
   with pytest.raises(ValueError, match=re.escape(f"{field}={value!r}")):
+    check_config(config)
+
+
+def test_label_maps_as_the_source_need_a_folder_and_labels():
+  config = load_config_file(str(EXPERIMENTS / "smoke.py"))
+  config.synthesize.source = "labels"
+  with pytest.raises(ValueError, match="needs synthesize.labels_dir"):
+    check_config(config)
+  config.synthesize.labels_dir = "/somewhere"
+  config.data.num_classes = 0
+  with pytest.raises(ValueError, match="needs a labelled run"):
     check_config(config)
 
 

@@ -19,8 +19,8 @@ from absl import logging
 import numpy as np
 
 from acis_jax.data.labels import read_dataset_json
-from acis_jax.data.nifti import Volume, load_nifti
-from acis_jax.data.preprocess import preprocess_case
+from acis_jax.data.nifti import Volume, as_ras, load_nifti
+from acis_jax.data.preprocess import preprocess_case, resize_labels
 
 _CHANNEL = re.compile(r"^(?P<name>.+)_(?P<channel>\d{4})$")
 
@@ -173,3 +173,33 @@ def load_case(
     raise ValueError(
         f"{case.image_path}: image is {image.array.ndim}-D, cannot resize to {tuple(shape)}")
   return preprocess_case(image, label, shape)
+
+
+def load_label_maps(folder: str | os.PathLike, shape: tuple[int, ...], num_classes: int
+                    ) -> tuple[list[str], np.ndarray]:
+  """The label maps of a folder (an nnU-Net `labelsTr`: NAME.nii.gz), as the run's examples
+  are made (RAS+ axes, nearest-neighbour resize to `shape`): `(names, int32 (n, *shape))`.
+
+  Raises:
+    ValueError, before anything is made, naming the folder or the file: a missing folder or
+    one without NIfTI files, a map of another dimension than the run's, one that is empty or
+    not integer, or labels at or above `num_classes`.
+  """
+  folder = Path(folder)
+  if not folder.is_dir():
+    raise ValueError(f"{folder}: label folder does not exist (synthesize.labels_dir)")
+  files = _nifti_files(folder)
+  if not files:
+    raise ValueError(f"{folder}: no .nii or .nii.gz label maps")
+  names, maps = [], []
+  for name, path in files.items():
+    label = check_label_map(load_nifti(path))
+    if label.array.ndim != len(shape):
+      raise ValueError(f"{path}: a {label.array.ndim}-D label map for a {len(shape)}-D run "
+                       f"(data.image_shape={tuple(shape)})")
+    if int(label.array.max()) >= num_classes:
+      raise ValueError(f"{path}: labels go up to {int(label.array.max())} but the run has "
+                       f"data.num_classes={num_classes} (with the background)")
+    names.append(name)
+    maps.append(resize_labels(as_ras(label), shape).array.astype(np.int32))
+  return names, np.stack(maps)

@@ -1,8 +1,9 @@
 """mode = "synthesize": synthetic image-annotation pairs from the trained generators.
 
-`synthesize.source` says where each pair starts: "generated", noise through the whole chain
-(sec 2.2), or "real", a real training case moved by a random smooth diffeomorphism, whose
-labels are kept and whose image is new (`make_sampler`).
+`synthesize.source` says where each pair starts (`make_sampler`): "generated", noise through
+the whole chain (sec 2.2); "real", a real training case moved by a random smooth
+diffeomorphism, whose labels are kept and whose image is new; "labels", a label map the user
+gives, onto which the nearest real case is registered.
 
 Writes `config.synthesize.num_samples` pairs into the work directory's synthetic folder
 (`acis_jax.workdir`) as an nnU-Net v2 raw dataset (`acis_jax.data.nnunet`):
@@ -24,6 +25,7 @@ from absl import logging
 import jax
 import numpy as np
 
+from acis_jax.data.dataset import load_label_maps
 from acis_jax.data.nifti import save_nifti
 from acis_jax.data.sources import Example
 from acis_jax.data.nnunet import image_file, label_file, write_dataset_json
@@ -31,6 +33,7 @@ from acis_jax.data.synthetic import run_labels, synthetic_name
 from acis_jax.data.preprocess import unwindow_hu
 from acis_jax.eval import quality
 from acis_jax.rng import stream_key
+from acis_jax.spatial import register_labels, warp
 from acis_jax.train.networks import load_network
 from acis_jax.train.stages import generator_sources
 from acis_jax.pseudomask import PseudoMaskParams
@@ -40,41 +43,77 @@ from acis_jax.viz import contact_sheet
 from acis_jax.workdir import Workdir, replaced_folder
 
 
-def make_sampler(config, data: TrainingData | None = None):
+def make_sampler(config, data: TrainingData | None = None, label_maps=None):
   """`sample(params, key, start, size) -> (pseudo-masks, labels or None, images)`, jitted,
   for pairs `start .. start + size - 1`, from `config.synthesize.source`:
   - "generated": the chain of sec 2.2 from noise;
-  - "real": variants of the real training cases `data` (`Chain.variants`), pair k from
-    case `k * n // num_samples` of the n, so every case gets its share.
+  - "real": variants of the real training cases `data` (`Chain.variants`);
+  - "labels": the `label_maps` `(m, *spatial)` themselves, each with the real case of `data`
+    that overlaps it most registered onto it (`spatial.register_labels`) for its
+    pseudo-masks: the labels are exactly the user's, the anatomy around them real.
+  Pair k comes from case (or map) `k * n // num_samples` of the n, so each gets its share.
   The image generator's dropout is on, as in pix2pix, as a source of variety."""
   settings = config.synthesize
   chain = make_chain(config, generator_sources(config, refined=True))
   if settings.source == "generated":
     chain_sample = jax.jit(chain.sample, static_argnames="size")
     return lambda params, key, start, size: chain_sample(params, key, size=size)
+  images, labels, deformation = data.images, data.labels, settings.deformation
+  if settings.source == "labels":
+    images, labels, deformation = registered_cases(config, data, label_maps), label_maps, 0.0
   pseudomask = PseudoMaskParams.from_config(config.pseudomask)
   variants = jax.jit(lambda params, key, images, labels: chain.variants(
-      params, key, images, labels, pseudomask, settings.deformation,
-      settings.deformation_scale))
+      params, key, images, labels, pseudomask, deformation, settings.deformation_scale))
 
   def sample(params, key, start, size):
-    cases = np.arange(start, start + size) * len(data.images) // settings.num_samples
-    labels = None if data.labels is None else data.labels[cases]
-    return variants(params, key, data.images[cases], labels)
+    cases = np.arange(start, start + size) * len(images) // settings.num_samples
+    return variants(params, key, images[cases], None if labels is None else labels[cases])
   return sample
 
 
-def write_pairs(config, workdir: Workdir, arm: str, data: TrainingData | None) -> None:
+def nearest_cases(real_labels: np.ndarray, label_maps: np.ndarray, num_classes: int
+                  ) -> np.ndarray:
+  """For each label map, the index of the real label map with the highest mean Dice over
+  the foreground classes."""
+  classes = np.arange(1, num_classes)
+  real = real_labels[:, None] == classes.reshape(-1, *[1] * real_labels[0].ndim)
+  scores = []
+  for given in label_maps:
+    mine = given[None] == classes.reshape(-1, *[1] * given.ndim)
+    axes = tuple(range(2, real.ndim))
+    overlap = 2 * np.sum(real & mine[None], axis=axes)
+    total = np.sum(real, axis=axes) + np.sum(mine[None], axis=axes)
+    scores.append(np.mean(np.where(total > 0, overlap / np.maximum(total, 1), 1.0), axis=1))
+  return np.argmax(np.stack(scores), axis=1)
+
+
+def registered_cases(config, data: TrainingData, label_maps: np.ndarray) -> np.ndarray:
+  """Images `(m, *spatial, 1)`: for each label map, its nearest real case (`nearest_cases`)
+  moved onto it by `register_labels`."""
+  num_classes = config.data.num_classes
+  nearest = nearest_cases(data.labels, label_maps, num_classes)
+  fit = jax.jit(lambda moving, fixed: register_labels(
+      moving, fixed, num_classes, steps=config.synthesize.label_fit_steps))
+  moved = []
+  for index, given in zip(nearest, label_maps):
+    moved.append(np.asarray(warp(data.images[index], fit(data.labels[index], given))))
+  logging.info("[synthesize] %d label maps registered onto their nearest real cases %s",
+               len(label_maps), [data.names[i] for i in nearest])
+  return np.stack(moved)
+
+
+def write_pairs(config, workdir: Workdir, arm: str, data: TrainingData | None,
+                label_maps: np.ndarray | None) -> None:
   grid = workdir.read_grid()
   affine = np.asarray(grid["affine"])
   # Every process takes part in orbax's restore; process 0 alone samples and writes.
   sources = generator_sources(config, refined=arm == "acis")
-  if config.synthesize.source == "real":
+  if config.synthesize.source != "generated":
     sources = {"image_generator": sources["image_generator"]}
   params = {name: load_network(workdir, stage, name, config) for name, stage in sources.items()}
   if jax.process_index() != 0:
     return
-  sample = make_sampler(config, data)
+  sample = make_sampler(config, data, label_maps)
   settings = config.synthesize
   key = stream_key(config.seed, "synthesize")  # the same for ACIS and ACIS-
   final = workdir.synthetic(arm)
@@ -110,15 +149,18 @@ def run(config, workdir: str, examples: list[Example] | None = None) -> None:
   workdir = Workdir(workdir)
   lead = jax.process_index() == 0
   with workdir.lock() if lead else contextlib.nullcontext():
-    data = None
-    if config.synthesize.source == "real":
+    data, label_maps, settings = None, None, config.synthesize
+    if settings.source == "labels":  # read before any work: a bad file names itself
+      _, label_maps = load_label_maps(settings.labels_dir, tuple(config.data.image_shape),
+                                      config.data.num_classes)
+    if settings.source == "generated":
+      workdir.require_trained(model_fingerprint(config))
+    else:
       data = load_training_data(config, examples)
       workdir.require_trained(run_fingerprint(config, data))
-    else:
-      workdir.require_trained(model_fingerprint(config))
-    write_pairs(config, workdir, "acis", data)
-    if config.synthesize.unrefined:
-      write_pairs(config, workdir, "acis-", data)
+    write_pairs(config, workdir, "acis", data, label_maps)
+    if settings.unrefined:
+      write_pairs(config, workdir, "acis-", data, label_maps)
     if config.synthesize.quality and jax.process_count() > 1:
       # Its network reads and segmenter cache are single-process: orbax's are collective.
       logging.info("[synthesize] no quality report in a multi-process run: run mode=quality "

@@ -196,9 +196,9 @@ def test_the_synthesizer_of_size_n_sees_only_those_n_slices(tmp_path, monkeypatc
   def fake_train(synth_config, root, examples):
     calls.append(("train", root, [e.name for e in examples]))
 
-  def fake_synthesize(synth_config, root):
+  def fake_synthesize(synth_config, root, examples):
     assert synth_config.synthesize.unrefined  # ACIS- is an arm of the protocol
-    calls.append(("synthesize", root, None))
+    calls.append(("synthesize", root, [e.name for e in examples]))
     for i, folder in enumerate(protocol.SYNTHETIC_FOLDERS.values()):
       write_fake_synthetic(Path(root) / folder, seed=i)
 
@@ -209,8 +209,8 @@ def test_the_synthesizer_of_size_n_sees_only_those_n_slices(tmp_path, monkeypatc
   expected = []
   for n in (2, 3):
     root = str(workdir / f"synth_n{n}")
-    expected += [("train", root, [e.name for e in protocol.few_shot_subset(pool, n)]),
-                 ("synthesize", root, None)]
+    subset = [e.name for e in protocol.few_shot_subset(pool, n)]
+    expected += [("train", root, subset), ("synthesize", root, subset)]
   assert calls == expected
   # Complete folders are reused: a second run trains no synthesizer.
   calls.clear()
@@ -243,7 +243,7 @@ def test_split_by_patient_keeps_the_test_patient_out_of_every_training(tmp_path,
   def fake_train(synth_config, root, examples):
     synthesizer_saw.extend(e.name for e in examples)
 
-  def fake_synthesize(synth_config, root):
+  def fake_synthesize(synth_config, root, examples):
     for i, folder in enumerate(protocol.SYNTHETIC_FOLDERS.values()):
       write_fake_synthetic(Path(root) / folder, seed=i)
 

@@ -17,7 +17,8 @@ from acis_jax.data import nnunet
 from acis_jax.data.phantom import PHANTOM_LABELS
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SMOKE_STEPS = {"masks": 4, "images": 5, "registration": 4, "refine": 3}  # experiments/smoke.py
+# experiments/smoke.py: masks 4 GAN + 2 annotation fine-tuning steps, images 3 + 2.
+SMOKE_STEPS = {"masks": 6, "images": 5, "registration": 4, "refine": 3}
 
 
 ENV = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")  # one device: the fastest compile

@@ -12,10 +12,11 @@ from acis_jax.config_utils import load_config_file
 from acis_jax.data.phantom import chest_phantom
 from acis_jax.data.preprocess import window_hu
 from acis_jax.jobs import synthesize
-from acis_jax.pseudomask import PseudoMaskParams, pseudo_mask
+from acis_jax.pseudomask import PseudoMaskParams
 from acis_jax.train import trainer
 from acis_jax.train.networks import init_networks
-from acis_jax.workdir import FingerprintMismatch
+from acis_jax.data.nifti import save_nifti
+from acis_jax.workdir import FingerprintMismatch, Workdir
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -58,7 +59,7 @@ def test_variants_keep_the_real_labels_moved_and_make_new_images(preset):
     assert values <= set(np.unique(np.asarray(image)).tolist())  # cells take image values
 
   # A deformation moves the labels: each case's classes stay, overlapping their old places.
-  _, moved, _ = chain.variants(params, key, images, labels, pm, 1.5, 4.0)
+  _, moved, _ = chain.variants(params, key, images, labels, pm, 1.0, 4.0)
   assert moved.shape == labels.shape
   for real, variant in zip(np.asarray(labels), np.asarray(moved)):
     assert set(np.unique(variant)) == set(np.unique(real))
@@ -66,14 +67,26 @@ def test_variants_keep_the_real_labels_moved_and_make_new_images(preset):
     assert 0.5 < mean_dice(variant, real) < 1.0
 
 
-def test_synthesize_from_real_cases_writes_variants_of_them(tmp_path):
+def zero_step_smoke():
   config = smoke()
   for field in ("masks_steps", "annotation_finetune_steps", "images_steps",
                 "images_finetune_steps", "registration_steps"):
     config.train[field] = 0
   config.refine.steps = 0
   config.train.batch_size = 8
-  trainer.train(config, str(tmp_path))
+  return config
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("trained")
+  trainer.train(zero_step_smoke(), str(workdir))
+  return workdir
+
+
+def test_synthesize_from_real_cases_writes_variants_of_them(trained):
+  tmp_path = trained
+  config = zero_step_smoke()
   config.synthesize.source = "real"
   data = trainer.load_training_data(config)
   folder = tmp_path / "synthetic" / "labelsTr"
@@ -99,3 +112,53 @@ def test_synthesize_from_real_cases_writes_variants_of_them(tmp_path):
   config.data.phantom_seed = 1
   with pytest.raises(FingerprintMismatch, match=r"data\.digest"):
     synthesize.run(config, str(tmp_path))
+
+
+def test_synthesize_from_label_maps_keeps_them_exactly(trained, tmp_path):
+  """Two maps of the phantom's anatomy, moved: every pair's labels are its map itself."""
+  config = zero_step_smoke()
+  real = trainer.load_training_data(config).labels[0]
+  maps = [np.roll(real, (2, -1), (0, 1)), np.roll(real, (-1, 2), (0, 1))]
+  folder = tmp_path / "labelsTr"
+  folder.mkdir()
+  affine = np.asarray(Workdir(str(trained)).read_grid()["affine"])
+  for i, label in enumerate(maps):
+    save_nifti(folder / f"case_{i}.nii.gz", label.astype(np.uint8), affine)
+  config.synthesize.source = "labels"
+  config.synthesize.labels_dir = str(folder)
+  config.synthesize.label_fit_steps = 20
+  synthesize.run(config, str(trained))
+  written = sorted((trained / "synthetic" / "labelsTr").iterdir())
+  assert len(written) == config.synthesize.num_samples == 4
+  for k, path in enumerate(written):  # pair k from map k * 2 // 4
+    np.testing.assert_array_equal(np.asarray(nib.load(path).dataobj), maps[k * 2 // 4])
+  assert len(list((trained / "synthetic" / "imagesTr").iterdir())) == 4
+
+
+@pytest.mark.parametrize("bad, message", [
+    (lambda label: label.astype(np.uint8) * 0 + 9, "labels go up to 9"),
+    (lambda label: np.stack([label] * 3, -1).astype(np.uint8), "3-D label map for a 2-D run"),
+])
+def test_bad_label_maps_are_refused_naming_the_file_before_anything_is_written(
+    trained, tmp_path, bad, message):
+  config = zero_step_smoke()
+  synthesize.run(config, str(trained))
+  before = {p.name: p.read_bytes() for p in (trained / "synthetic" / "labelsTr").iterdir()}
+  folder = tmp_path / "maps"
+  folder.mkdir()
+  label = trainer.load_training_data(config).labels[0]
+  save_nifti(folder / "ok.nii.gz", label.astype(np.uint8), np.eye(4))
+  save_nifti(folder / "wrong.nii.gz", bad(label), np.eye(4))
+  config.synthesize.source = "labels"
+  config.synthesize.labels_dir = str(folder)
+  with pytest.raises(ValueError, match=f"wrong.nii.gz: .*{message}"):
+    synthesize.run(config, str(trained))
+  assert {p.name: p.read_bytes()
+          for p in (trained / "synthetic" / "labelsTr").iterdir()} == before
+
+
+def test_the_nearest_real_case_is_the_one_that_overlaps_most():
+  real = np.zeros((3, 8, 8), np.int32)
+  real[0, :4], real[1, 4:], real[2, :, :4] = 1, 1, 1
+  given = np.stack([real[2], real[0], np.roll(real[1], 1, axis=0)])
+  np.testing.assert_array_equal(synthesize.nearest_cases(real, given, 2), [2, 0, 1])
