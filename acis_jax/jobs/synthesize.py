@@ -43,24 +43,42 @@ from acis_jax.viz import contact_sheet
 from acis_jax.workdir import Workdir, replaced_folder
 
 
-def make_sampler(config, data: TrainingData | None = None, label_maps=None):
+def starting_cases(config, examples: list[Example] | None, workdir: Workdir):
+  """What the pairs start from besides noise, read and checked before any work:
+  `(images (n, *spatial, 1), labels (n, *spatial) or None, deformation)`, or None for
+  `synthesize.source="generated"`.
+  - "real": the run's training cases (checked against its fingerprint), to be moved by
+    random diffeomorphisms of RMS `synthesize.deformation`;
+  - "labels": the maps of `synthesize.labels_dir`, each with the real case that overlaps it
+    most registered onto it (`registered_cases`), not moved further.
+  """
+  settings = config.synthesize
+  if settings.source == "generated":
+    workdir.require_trained(model_fingerprint(config))
+    return None
+  label_maps = None
+  if settings.source == "labels":  # first: a bad file names itself before anything runs
+    _, label_maps = load_label_maps(settings.labels_dir, tuple(config.data.image_shape),
+                                    config.data.num_classes)
+  data = load_training_data(config, examples)
+  workdir.require_trained(run_fingerprint(config, data))
+  if label_maps is None:
+    return data.images, data.labels, settings.deformation
+  return registered_cases(config, data, label_maps), label_maps, 0.0
+
+
+def make_sampler(config, cases=None):
   """`sample(params, key, start, size) -> (pseudo-masks, labels or None, images)`, jitted,
-  for pairs `start .. start + size - 1`, from `config.synthesize.source`:
-  - "generated": the chain of sec 2.2 from noise;
-  - "real": variants of the real training cases `data` (`Chain.variants`);
-  - "labels": the `label_maps` `(m, *spatial)` themselves, each with the real case of `data`
-    that overlaps it most registered onto it (`spatial.register_labels`) for its
-    pseudo-masks: the labels are exactly the user's, the anatomy around them real.
-  Pair k comes from case (or map) `k * n // num_samples` of the n, so each gets its share.
-  The image generator's dropout is on, as in pix2pix, as a source of variety."""
+  for pairs `start .. start + size - 1`: the chain of sec 2.2 from noise (`cases` None), or
+  variants of `cases` (`starting_cases`; `Chain.variants`), pair k from case
+  `k * n // num_samples` of the n, so each gets its share. The image generator's dropout is
+  on, as in pix2pix, as a source of variety."""
   settings = config.synthesize
   chain = make_chain(config, generator_sources(config, refined=True))
-  if settings.source == "generated":
+  if cases is None:
     chain_sample = jax.jit(chain.sample, static_argnames="size")
     return lambda params, key, start, size: chain_sample(params, key, size=size)
-  images, labels, deformation = data.images, data.labels, settings.deformation
-  if settings.source == "labels":
-    images, labels, deformation = registered_cases(config, data, label_maps), label_maps, 0.0
+  images, labels, deformation = cases
   pseudomask = PseudoMaskParams.from_config(config.pseudomask)
   variants = jax.jit(lambda params, key, images, labels: chain.variants(
       params, key, images, labels, pseudomask, deformation, settings.deformation_scale))
@@ -102,18 +120,17 @@ def registered_cases(config, data: TrainingData, label_maps: np.ndarray) -> np.n
   return np.stack(moved)
 
 
-def write_pairs(config, workdir: Workdir, arm: str, data: TrainingData | None,
-                label_maps: np.ndarray | None) -> None:
+def write_pairs(config, workdir: Workdir, arm: str, cases) -> None:
   grid = workdir.read_grid()
   affine = np.asarray(grid["affine"])
   # Every process takes part in orbax's restore; process 0 alone samples and writes.
   sources = generator_sources(config, refined=arm == "acis")
-  if config.synthesize.source != "generated":
+  if cases is not None:
     sources = {"image_generator": sources["image_generator"]}
   params = {name: load_network(workdir, stage, name, config) for name, stage in sources.items()}
   if jax.process_index() != 0:
     return
-  sample = make_sampler(config, data, label_maps)
+  sample = make_sampler(config, cases)
   settings = config.synthesize
   key = stream_key(config.seed, "synthesize")  # the same for ACIS and ACIS-
   final = workdir.synthetic(arm)
@@ -145,22 +162,15 @@ def write_pairs(config, workdir: Workdir, arm: str, data: TrainingData | None,
 def run(config, workdir: str, examples: list[Example] | None = None) -> None:
   """Writes the synthetic folders. `examples`: the real cases the run was trained on, when
   they are not those `config.data` names (the evaluation's few-shot synthesizers); read
-  only with `synthesize.source="real"`, and checked against the run's fingerprint."""
+  only with `synthesize.source` "real" or "labels", and checked against the run's
+  fingerprint."""
   workdir = Workdir(workdir)
   lead = jax.process_index() == 0
   with workdir.lock() if lead else contextlib.nullcontext():
-    data, label_maps, settings = None, None, config.synthesize
-    if settings.source == "labels":  # read before any work: a bad file names itself
-      _, label_maps = load_label_maps(settings.labels_dir, tuple(config.data.image_shape),
-                                      config.data.num_classes)
-    if settings.source == "generated":
-      workdir.require_trained(model_fingerprint(config))
-    else:
-      data = load_training_data(config, examples)
-      workdir.require_trained(run_fingerprint(config, data))
-    write_pairs(config, workdir, "acis", data, label_maps)
-    if settings.unrefined:
-      write_pairs(config, workdir, "acis-", data, label_maps)
+    cases = starting_cases(config, examples, workdir)
+    write_pairs(config, workdir, "acis", cases)
+    if config.synthesize.unrefined:
+      write_pairs(config, workdir, "acis-", cases)
     if config.synthesize.quality and jax.process_count() > 1:
       # Its network reads and segmenter cache are single-process: orbax's are collective.
       logging.info("[synthesize] no quality report in a multi-process run: run mode=quality "
