@@ -21,6 +21,12 @@ when there is one). Measures, each for the synthetic pairs and for the real trai
   net's field from each sample onto its nearest real case (real cases: onto their nearest
   other real case).
 
+When both ACIS and ACIS- folders are there (`synthesize.unrefined`), whose pair k share
+their latents and dropout keys, the ACIS report adds what the refinement changed: eq. 3's
+appearance uncertainty and the label consistency of each pair against its nearest real case
+(T stochastic passes of the trained registration net), ACIS beside ACIS-, with one-sided
+Wilcoxon signed-rank tests over the pairs.
+
 Nothing here trains on synthetic data, and every random draw comes from `config.seed`.
 """
 
@@ -37,12 +43,15 @@ import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 from flax import nnx
-from scipy import ndimage
+from scipy import ndimage, stats
 
 from acis_jax.data.preprocess import unwindow_hu
 from acis_jax.data.synthetic import load_synthetic, run_labels, synthetic_complete
 from acis_jax.eval import downstream, metrics
 from acis_jax.eval.nets import net_factory
+from acis_jax.models.registration import register
+from acis_jax.rng import stream_key
+from acis_jax.spatial import appearance_uncertainty, label_consistency
 from acis_jax.spatial.jacobian import jacobian_determinant
 from acis_jax.train.checkpoint import restore_state, save_state
 from acis_jax.train.networks import abstract_params, load_network
@@ -225,6 +234,68 @@ def registration_plausibility(net, moving: np.ndarray, fixed: np.ndarray) -> dic
           "jacobian_max": float(np.max(highs))}
 
 
+def one_sided_wilcoxon(a: np.ndarray, b: np.ndarray, alternative: str) -> float:
+  """p of the signed-rank test that `a - b` is `alternative` ("less", "greater") than 0;
+  1 when every difference is 0 (no evidence either way)."""
+  if not np.any(a != b):
+    return 1.0
+  return float(stats.wilcoxon(a, b, alternative=alternative).pvalue)
+
+
+def refinement_effect(passes, real_images, real_labels, refined, unrefined,
+                      num_classes: int) -> dict[str, Any]:
+  """What refinement changed, pair by pair: eq. 3 uncertainty (and label consistency) of
+  each synthetic pair against its nearest real case, for `refined` and `unrefined`
+  (`(images, labels)`, pair k of one drawn with the keys of pair k of the other).
+
+  `passes(moving, fixed)` returns T stochastic displacements `(T, 1, *spatial, ndim)`.
+  """
+  out: dict[str, Any] = {}
+  for arm, (images, labels) in (("acis", refined), ("acis-", unrefined)):
+    if num_classes:
+      _, near = nearest(label_distances(labels, real_labels, num_classes))
+    else:
+      _, near = nearest(image_distances(images, real_images))
+    uncertainty, dice = [], []
+    for k, j in enumerate(near):
+      x, x_hat = real_images[j][None, ..., None], images[k][None, ..., None]
+      forward, backward = passes(x, x_hat), passes(x_hat, x)
+      uncertainty.append(float(appearance_uncertainty(x, x_hat, forward, backward)[1][0]))
+      if num_classes:
+        dice.append(float(label_consistency(real_labels[j][None], labels[k][None], forward,
+                                            num_classes)[0]))
+    out[arm] = {"uncertainty": uncertainty, "label_consistency": dice}
+  result = {"pairs": len(refined[0]),
+            "uncertainty": {"acis-": float(np.mean(out["acis-"]["uncertainty"])),
+                            "acis": float(np.mean(out["acis"]["uncertainty"])),
+                            "p_lower": one_sided_wilcoxon(np.asarray(out["acis"]["uncertainty"]),
+                                                          np.asarray(out["acis-"]["uncertainty"]),
+                                                          "less")}}
+  if num_classes:
+    result["label_consistency"] = {
+        "acis-": float(np.mean(out["acis-"]["label_consistency"])),
+        "acis": float(np.mean(out["acis"]["label_consistency"])),
+        "p_higher": one_sided_wilcoxon(np.asarray(out["acis"]["label_consistency"]),
+                                       np.asarray(out["acis-"]["label_consistency"]),
+                                       "greater")}
+  return result
+
+
+def refinement_markdown(result: dict) -> str:
+  """The refinement section of ACIS's quality.md."""
+  rows = [("eq. 3 appearance uncertainty (lower is better)", "uncertainty", "p_lower")]
+  if "label_consistency" in result:
+    rows.append(("label consistency after registration (higher is better)",
+                 "label_consistency", "p_higher"))
+  lines = ["", "## What the refinement changed", "",
+           f"{result['pairs']} pairs of ACIS and ACIS- drawn with the same keys, each against "
+           "its nearest real case; p: one-sided Wilcoxon signed-rank test over the pairs that "
+           "ACIS is better.", "", "| measure | ACIS- | ACIS | p |", "|---|---|---|---|"]
+  lines += [f"| {name} | {_fmt(result[key]['acis-'])} | {_fmt(result[key]['acis'])} | "
+            f"{_fmt(result[key][p])} |" for name, key, p in rows]
+  return "\n".join(lines) + "\n"
+
+
 # ---------------------------------------------------------------------------------------------
 # The report
 
@@ -328,32 +399,41 @@ def figure(path: str, result: dict, title: str) -> None:
   save_figure(fig, path)
 
 
-def write_reports(config, workdir: Workdir) -> None:
+def write_reports(config, workdir: Workdir, paired_arms: bool = False) -> None:
   """quality.json, .md and .png in every complete synthetic folder of `workdir` (the caller
-  holds its lock); the real cases are the run's training data, checked by fingerprint."""
+  holds its lock); the real cases are the run's training data, checked by fingerprint.
+  `paired_arms`: the ACIS and ACIS- folders were just written together, pair k of both from
+  the same keys, so ACIS's report also says what the refinement changed."""
   data = load_training_data(config)
   workdir.require_trained(run_fingerprint(config, data))
   real_images = data.images[..., 0]
   real_labels = data.labels
-  registration = None
+  registration = passes = None
   if config.train.registration_steps:
     graphdef = abstract_params("registration", config)[0]
     params = load_network(workdir, "registration", "registration", config)
     forward = jax.jit(lambda p, moving, fixed: nnx.merge(graphdef, p)(moving, fixed))
     registration = lambda moving, fixed: forward(params, moving, fixed)
+    model, key = nnx.merge(graphdef, params), stream_key(config.seed, "quality/refinement")
+    passes = lambda moving, fixed: register(model, moving, fixed, key, config.refine.passes)
   labels_named = run_labels(workdir.read_grid(), config.data.num_classes)
   count, labelled = config.synthesize.num_samples, config.data.num_classes > 0
-  for arm in SYNTHETIC_FOLDERS:
-    folder = workdir.synthetic(arm)
-    if not synthetic_complete(folder, count, labelled):
-      continue
-    images, labels = load_synthetic(folder, count, config)
+  folders = {arm: workdir.synthetic(arm) for arm in SYNTHETIC_FOLDERS
+             if synthetic_complete(workdir.synthetic(arm), count, labelled)}
+  pairs = {arm: load_synthetic(folder, count, config) for arm, folder in folders.items()}
+  for arm, folder in folders.items():
+    images, labels = pairs[arm]
     result = report(config, workdir, real_images, real_labels, images[..., 0], labels,
                     registration)
     title = f"{arm.upper()}: synthetic pairs against the real training cases"
+    text = markdown(result, labels_named, title)
+    if arm == "acis" and paired_arms and passes is not None and len(folders) == 2:
+      result["refinement"] = refinement_effect(
+          passes, real_images, real_labels, (images[..., 0], labels),
+          (pairs["acis-"][0][..., 0], pairs["acis-"][1]), config.data.num_classes)
+      text += refinement_markdown(result["refinement"])
     write_json_atomically(os.path.join(folder, "quality.json"), result)
-    write_text_atomically(os.path.join(folder, "quality.md"),
-                          markdown(result, labels_named, title))
+    write_text_atomically(os.path.join(folder, "quality.md"), text)
     figure(os.path.join(folder, "quality.png"), result, title)
     logging.info("[quality %s] high-frequency energy %.3g (real %.3g), %d copies; wrote %s/"
                  "quality.{json,md,png}", arm.upper(), result["texture"]["synthetic"],

@@ -176,4 +176,4 @@ def run(config, workdir: str, examples: list[Example] | None = None) -> None:
       logging.info("[synthesize] no quality report in a multi-process run: run mode=quality "
                    "on one process")
     elif config.synthesize.quality:
-      quality.write_reports(config, workdir)
+      quality.write_reports(config, workdir, paired_arms=config.synthesize.unrefined)

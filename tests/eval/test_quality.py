@@ -100,3 +100,32 @@ def test_grids_the_segmenter_cannot_take_are_padded_for_it(report_setup):
   images, labels = _phantoms(2, shape=(40, 36))  # not multiples of the U-Net's 16
   result = quality.report(config, Workdir(workdir.path("odd")), images, labels, images, labels)
   assert set(result["consistency"]["synthetic"]) == {"1", "2", "3", "4", "5"}
+
+
+def test_the_refinement_effect_against_closed_forms():
+  """With identity registrations eq. 3 is twice the squared difference to the nearest real
+  case: zero for pairs that are the real cases, 2 sigma^2 for the same with noise of std
+  sigma; all 8 differences of one sign give the one-sided signed-rank p 1/2^8. The labels,
+  equal in both arms, give no evidence (p 1)."""
+  rng = np.random.default_rng(0)
+  real = rng.uniform(size=(8, 16, 16)).astype(np.float32)
+  labels = np.zeros((8, 16, 16), np.int32)
+  for k in range(8):
+    labels[k, k:k + 8, 2 * k % 8: 2 * k % 8 + 6] = 1 + k % 2  # distinct maps: nearest = self
+  noisy = real + rng.normal(scale=0.1, size=real.shape).astype(np.float32)
+
+  def identity_passes(moving, fixed):
+    return np.zeros((3, *moving.shape[:-1], 2), np.float32)
+
+  result = quality.refinement_effect(identity_passes, real, labels, (real, labels),
+                                     (noisy, labels), 3)
+  assert result["pairs"] == 8
+  assert result["uncertainty"]["acis"] == pytest.approx(0.0, abs=1e-9)
+  assert result["uncertainty"]["acis-"] == pytest.approx(2 * np.mean((noisy - real) ** 2),
+                                                        rel=1e-4)
+  assert result["uncertainty"]["p_lower"] == pytest.approx(1 / 2 ** 8)
+  assert result["label_consistency"]["acis"] == result["label_consistency"]["acis-"]
+  assert result["label_consistency"]["p_higher"] == 1.0
+  text = quality.refinement_markdown(result)
+  expected = f"| {2 * np.mean((noisy - real) ** 2):.4g} | 0 | {1 / 2 ** 8:.4g} |"
+  assert f"| eq. 3 appearance uncertainty (lower is better) {expected}" in text
