@@ -55,7 +55,8 @@ def test_a_second_process_is_refused_naming_the_holder_and_a_dead_holder_is_take
 def zero_step_config():
   """experiments/smoke.py with no training steps: a finished run in seconds."""
   config = load_config_file(os.path.join(REPO, "experiments", "smoke.py"))
-  for field in ("masks_steps", "annotation_finetune_steps", "images_steps", "images_finetune_steps", "registration_steps"):
+  for field in ("masks_steps", "annotation_finetune_steps", "images_steps",
+                "images_finetune_steps", "registration_steps"):
     config.train[field] = 0
   config.refine.steps = 0
   config.train.batch_size = 8  # tests/conftest.py fakes 8 devices

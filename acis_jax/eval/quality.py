@@ -43,12 +43,13 @@ import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 from flax import nnx
-from scipy import ndimage, stats
+from scipy import ndimage
 
 from acis_jax.data.preprocess import unwindow_hu
 from acis_jax.data.synthetic import load_synthetic, run_labels, synthetic_complete
 from acis_jax.eval import downstream, metrics
 from acis_jax.eval.nets import net_factory
+from acis_jax.eval.statistics import wilcoxon_greater
 from acis_jax.models.registration import register
 from acis_jax.rng import stream_key
 from acis_jax.spatial import appearance_uncertainty, label_consistency
@@ -234,14 +235,6 @@ def registration_plausibility(net, moving: np.ndarray, fixed: np.ndarray) -> dic
           "jacobian_max": float(np.max(highs))}
 
 
-def one_sided_wilcoxon(a: np.ndarray, b: np.ndarray, alternative: str) -> float:
-  """p of the signed-rank test that `a - b` is `alternative` ("less", "greater") than 0;
-  1 when every difference is 0 (no evidence either way)."""
-  if not np.any(a != b):
-    return 1.0
-  return float(stats.wilcoxon(a, b, alternative=alternative).pvalue)
-
-
 def refinement_effect(passes, real_images, real_labels, refined, unrefined,
                       num_classes: int) -> dict[str, Any]:
   """What refinement changed, pair by pair: eq. 3 uncertainty (and label consistency) of
@@ -265,19 +258,14 @@ def refinement_effect(passes, real_images, real_labels, refined, unrefined,
         dice.append(float(label_consistency(real_labels[j][None], labels[k][None], forward,
                                             num_classes)[0]))
     out[arm] = {"uncertainty": uncertainty, "label_consistency": dice}
-  result = {"pairs": len(refined[0]),
-            "uncertainty": {"acis-": float(np.mean(out["acis-"]["uncertainty"])),
-                            "acis": float(np.mean(out["acis"]["uncertainty"])),
-                            "p_lower": one_sided_wilcoxon(np.asarray(out["acis"]["uncertainty"]),
-                                                          np.asarray(out["acis-"]["uncertainty"]),
-                                                          "less")}}
-  if num_classes:
-    result["label_consistency"] = {
-        "acis-": float(np.mean(out["acis-"]["label_consistency"])),
-        "acis": float(np.mean(out["acis"]["label_consistency"])),
-        "p_higher": one_sided_wilcoxon(np.asarray(out["acis"]["label_consistency"]),
-                                       np.asarray(out["acis-"]["label_consistency"]),
-                                       "greater")}
+  result: dict[str, Any] = {"pairs": len(refined[0])}
+  measures = [("uncertainty", "p_lower")] + ([("label_consistency", "p_higher")]
+                                             if num_classes else [])
+  for name, p in measures:
+    after, before = out["acis"][name], out["acis-"][name]
+    better, worse = (before, after) if p == "p_lower" else (after, before)
+    result[name] = {"acis-": float(np.mean(before)), "acis": float(np.mean(after)),
+                    p: wilcoxon_greater(better, worse)}
   return result
 
 

@@ -89,27 +89,11 @@ def make_sampler(config, cases=None):
   return sample
 
 
-def nearest_cases(real_labels: np.ndarray, label_maps: np.ndarray, num_classes: int
-                  ) -> np.ndarray:
-  """For each label map, the index of the real label map with the highest mean Dice over
-  the foreground classes."""
-  classes = np.arange(1, num_classes)
-  real = real_labels[:, None] == classes.reshape(-1, *[1] * real_labels[0].ndim)
-  scores = []
-  for given in label_maps:
-    mine = given[None] == classes.reshape(-1, *[1] * given.ndim)
-    axes = tuple(range(2, real.ndim))
-    overlap = 2 * np.sum(real & mine[None], axis=axes)
-    total = np.sum(real, axis=axes) + np.sum(mine[None], axis=axes)
-    scores.append(np.mean(np.where(total > 0, overlap / np.maximum(total, 1), 1.0), axis=1))
-  return np.argmax(np.stack(scores), axis=1)
-
-
 def registered_cases(config, data: TrainingData, label_maps: np.ndarray) -> np.ndarray:
-  """Images `(m, *spatial, 1)`: for each label map, its nearest real case (`nearest_cases`)
-  moved onto it by `register_labels`."""
+  """Images `(m, *spatial, 1)`: for each label map, the real case nearest to it (highest mean
+  Dice, `quality.label_distances`) moved onto it by `register_labels`."""
   num_classes = config.data.num_classes
-  nearest = nearest_cases(data.labels, label_maps, num_classes)
+  _, nearest = quality.nearest(quality.label_distances(label_maps, data.labels, num_classes))
   fit = jax.jit(lambda moving, fixed: register_labels(
       moving, fixed, num_classes, steps=config.synthesize.label_fit_steps))
   moved = []

@@ -160,7 +160,8 @@ class ConvStage(nnx.Module):
 
   def __init__(self, in_features: int, out_features: int, ndim: int, *, num_convs: int = 2,
                norm: str = "group", activation: str = "leaky_relu", dropout: float = 0.0,
-               channel_dropout: bool = False, remat: bool = False, dtype: Any = None, rngs: nnx.Rngs):
+               channel_dropout: bool = False, remat: bool = False, dtype: Any = None,
+               rngs: nnx.Rngs):
     if num_convs < 1:
       raise ValueError(f"num_convs must be at least 1, got {num_convs}")
     if not 0.0 <= dropout < 1.0:

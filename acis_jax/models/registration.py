@@ -30,8 +30,8 @@ class RegistrationNet(nnx.Module):
   Spatial sizes must be multiples of `2 ** (len(features) - 1)`. The velocity head starts near
   zero (weights ~ N(0, 1e-5), zero bias), so an untrained net gives a near-identity transform.
   Dropout (rate `dropout`, whole feature maps, after every decoder stage but the
-  full-resolution one) runs only when a key is given. `int_downsize > 1` integrates at that many times coarser resolution (VoxelMorph's
-  `int_downsize`; 2 is 8x cheaper in 3-D).
+  full-resolution one) runs only when a key is given. `int_downsize > 1` integrates at that
+  many times coarser resolution (VoxelMorph's `int_downsize`; 2 is 8x cheaper in 3-D).
   """
 
   def __init__(self, ndim: int, *, in_channels: int = 1,
@@ -48,7 +48,8 @@ class RegistrationNet(nnx.Module):
     self.int_downsize = int_downsize
     self.unet = UNet(2 * in_channels, ndim, features=features, convs_per_level=convs_per_level,
                      norm=norm, activation=activation, down=down, up=up, dropout=dropout,
-                     dropout_stages=len(features) - 2, channel_dropout=True, remat=remat, dtype=dtype, rngs=rngs)
+                     dropout_stages=len(features) - 2, channel_dropout=True, remat=remat,
+                     dtype=dtype, rngs=rngs)
     widths = [self.unet.features[0], *final_convs]
     self.final = nnx.List([
         ConvBlock(a, b, ndim, norm=norm, activation=activation, dtype=dtype, rngs=rngs)

@@ -7,6 +7,7 @@ import optax
 from acis_jax.spatial.integrate import integrate_velocity
 from acis_jax.spatial.random_field import smooth_periodic
 from acis_jax.spatial.resample import one_hot_labels, resize_field, warp
+from acis_jax.train.losses import smoothness_loss
 
 
 def register_labels(moving: jax.Array, fixed: jax.Array, num_classes: int, *,
@@ -29,7 +30,6 @@ def register_labels(moving: jax.Array, fixed: jax.Array, num_classes: int, *,
   coarse = tuple(max(2, -(-n // downsize)) for n in spatial)
   moving_soft = smooth_periodic(one_hot_labels(moving, num_classes), blur)[..., 1:]
   fixed_soft = smooth_periodic(one_hot_labels(fixed, num_classes), blur)[..., 1:]
-  axes = tuple(range(ndim))
   # Squared differences, not a soft Dice: the Dice of blurred maps is not largest where
   # they coincide, so it would move identical maps. Scaled by the maps' own energy.
   scale = jnp.maximum(jnp.mean(jnp.square(fixed_soft)), 1e-12)
@@ -40,9 +40,7 @@ def register_labels(moving: jax.Array, fixed: jax.Array, num_classes: int, *,
   def loss(velocity):
     moved = warp(moving_soft, displacement(velocity))
     mismatch = jnp.mean(jnp.square(moved - fixed_soft)) / scale
-    rough = jnp.mean(jnp.stack([jnp.mean(jnp.square(jnp.diff(velocity, axis=a)))
-                                for a in axes]))
-    return mismatch + smoothness * rough
+    return mismatch + smoothness * smoothness_loss(velocity[None])
 
   optimizer = optax.adam(learning_rate)
 

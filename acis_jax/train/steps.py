@@ -116,23 +116,16 @@ def annotation_update(ctx: StepContext, state: TrainState, masks, labels, genera
   """One update of the annotation generator (Dice + CE on the real pseudo-masks, plus the
   adversarial term) and of the label discriminator on (pseudo-mask, labels) pairs.
 
-  `generated` pseudo-masks (None: not used) are the mask generator's, which the annotation generator
-  labels at synthesis: their labels are judged too, so it learns to label them.
+  `generated` pseudo-masks (None: not used) are the mask generator's, which the annotation
+  generator labels at synthesis: their labels are judged too, so it learns to label them.
   """
   real_pair = ctx.chain.condition(masks, labels)
   fake_masks = masks if generated is None else jnp.concatenate([masks, generated])
-  real_key, generated_key = jax.random.split(key)
-
-  def fake_pairs(params):
-    logits = ctx.net("annotation_generator", params)(masks, key=real_key)
-    fakes = [logits]
-    if generated is not None:
-      fakes.append(ctx.net("annotation_generator", params)(generated, key=generated_key))
-    pairs = jnp.concatenate([fake_masks, straight_through_one_hot(jnp.concatenate(fakes))], -1)
-    return logits, pairs
 
   def annotation_loss(params):
-    logits, pairs = fake_pairs(params)
+    all_logits = ctx.net("annotation_generator", params)(fake_masks, key=key)
+    pairs = jnp.concatenate([fake_masks, straight_through_one_hot(all_logits)], -1)
+    logits = all_logits[:masks.shape[0]]  # those of the real pseudo-masks
     supervised = losses.dice_ce_loss(logits, labels, ctx.num_classes)
     disc = ctx.net("label_discriminator", state.params["label_discriminator"])
     adversarial = losses.lsgan_generator_loss(disc(pairs))

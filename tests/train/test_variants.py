@@ -11,6 +11,7 @@ import pytest
 from acis_jax.config_utils import load_config_file
 from acis_jax.data.phantom import chest_phantom
 from acis_jax.data.preprocess import window_hu
+from acis_jax.eval import quality
 from acis_jax.jobs import synthesize
 from acis_jax.pseudomask import PseudoMaskParams
 from acis_jax.train import trainer
@@ -161,4 +162,5 @@ def test_the_nearest_real_case_is_the_one_that_overlaps_most():
   real = np.zeros((3, 8, 8), np.int32)
   real[0, :4], real[1, 4:], real[2, :, :4] = 1, 1, 1
   given = np.stack([real[2], real[0], np.roll(real[1], 1, axis=0)])
-  np.testing.assert_array_equal(synthesize.nearest_cases(real, given, 2), [2, 0, 1])
+  _, nearest = quality.nearest(quality.label_distances(given, real, 2))
+  np.testing.assert_array_equal(nearest, [2, 0, 1])
