@@ -5,6 +5,7 @@ Every block takes the spatial rank `ndim` as a constructor argument; kernels are
 Dropout is driven by an explicit key at call time: `key=None` means deterministic, so a module
 holds parameters only (no RNG state) and works in NNX graph and tree mode alike.
 """
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -88,33 +89,160 @@ def _depth_folded_conv(lhs, rhs, window_strides, padding, *, lhs_dilation=None,
   x = taps[0] if kd == 1 else jnp.concatenate(taps, axis=-1)
   x = x.reshape(b * out_depth, *x.shape[2:])
   kernel = jnp.moveaxis(rhs, 0, 2).reshape(*rhs.shape[1:3], kd * channels, rhs.shape[-1])
-  y = jax.lax.conv_general_dilated(
+  y = conv_general_dilated(
       x, kernel, tuple(window_strides[1:]), hw_padding,
-      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=feature_group_count,
-      precision=precision, **kwargs)
+      dimension_numbers=jax.lax.conv_dimension_numbers(x.shape, kernel.shape,
+                                                        ("NHWC", "HWIO", "NHWC")),
+      feature_group_count=feature_group_count, precision=precision, **kwargs)
   return y.reshape(b, out_depth, *y.shape[1:])
+
+
+def cpu_rewrites() -> bool:
+  """Whether convolutions take the CPU forms below (decided at trace time, by backend): on GPU
+  and TPU, XLA's own convolutions are the fast path and run unchanged."""
+  return jax.default_backend() == "cpu"
+
+
+def _space_to_depth_conv(lhs, rhs, window_strides, padding, **kwargs):
+  """A channel-last strided convolution computed as a stride-1 one (same result).
+
+  Each axis is cut into blocks of its stride, and the block offsets become channels
+  (space-to-depth); a kernel of `k` taps becomes `ceil(k / stride)` taps over the blocks, the
+  missing taps zero. So `out[i] = sum_k w[k] x[s i + k]` is read as
+  `sum_q sum_r w[s q + r] blocks[i + q, r]`. The gradient of a strided convolution is one
+  with a dilated input, which XLA:CPU computes slowly; this form has plain convolutions both
+  ways. With the transposed-conv rewrite below, the pix2pix generator's training step at
+  2x256x256 went from 32.5 to 14.2 s (benchmarks/peers.py).
+  """
+  ndim = lhs.ndim - 2
+  spatial = lhs.shape[1:-1]
+  kernel = rhs.shape[:ndim]
+  strides = tuple(window_strides)
+  if isinstance(padding, str):
+    padding = jax.lax.padtype_to_pads(spatial, kernel, strides, padding)
+  out = [(n + lo + hi - k) // s + 1 for n, (lo, hi), k, s in zip(spatial, padding, kernel, strides)]
+  taps = [-(-k // s) for k, s in zip(kernel, strides)]
+  blocked = [(o + t - 1) * s for o, t, s in zip(out, taps, strides)]
+  # Pad in front as asked, then pad or crop the end to whole blocks.
+  x = jnp.pad(lhs, [(0, 0)] + [(lo, max(L - n - lo, 0)) for n, (lo, _), L in
+                               zip(spatial, padding, blocked)] + [(0, 0)])
+  x = x[(slice(None), *(slice(0, L) for L in blocked))]
+  b, channels = lhs.shape[0], lhs.shape[-1]
+  x = x.reshape(b, *[v for L, s in zip(blocked, strides) for v in (L // s, s)], channels)
+  x = x.transpose(0, *range(1, 2 * ndim, 2), *range(2, 2 * ndim + 1, 2), 2 * ndim + 1)
+  x = x.reshape(b, *(L // s for L, s in zip(blocked, strides)), math.prod(strides) * channels)
+  w = jnp.pad(rhs, [(0, t * s - k) for t, s, k in zip(taps, strides, kernel)] + [(0, 0)] * 2)
+  w = w.reshape(*[v for t, s in zip(taps, strides) for v in (t, s)], *rhs.shape[-2:])
+  w = w.transpose(*range(0, 2 * ndim, 2), *range(1, 2 * ndim, 2), 2 * ndim, 2 * ndim + 1)
+  w = w.reshape(*taps, math.prod(strides) * rhs.shape[-2], rhs.shape[-1])
+  spec = {1: ("NWC", "WIO", "NWC"), 2: ("NHWC", "HWIO", "NHWC"),
+          3: ("NDHWC", "DHWIO", "NDHWC")}[ndim]
+  return conv_general_dilated(
+      x, w, (1,) * ndim, "VALID",
+      dimension_numbers=jax.lax.conv_dimension_numbers(x.shape, w.shape, spec), **kwargs)
+
+
+# From this many output channels on, a 2-D convolution's kernel gradient is computed as one
+# matrix product per tap: XLA:CPU's own kernel-gradient convolution was 1.4-10x slower there
+# at 2x256x256 and 64x64x64 (and 1.2-2.5x faster below it); benchmarks/peers.py.
+MATMUL_KERNEL_GRAD_FEATURES = 32
+
+
+def _lax_conv2d(x, kernel, padding, precision):
+  return jax.lax.conv_general_dilated(x, kernel, (1, 1), padding,
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                      precision=precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv2d_matmul_kernel_grad(x, kernel, padding, precision):
+  """A stride-1 channel-last 2-D convolution whose kernel gradient is `kh * kw` products of the
+  cotangent `(O, M)` with the input shifted by each tap `(M, C)`; the input gradient is lax's."""
+  return _lax_conv2d(x, kernel, padding, precision)
+
+
+def _conv2d_fwd(x, kernel, padding, precision):
+  return _lax_conv2d(x, kernel, padding, precision), (x, kernel)
+
+
+def _conv2d_bwd(padding, precision, residuals, cotangent):
+  x, kernel = residuals
+  d_x = jax.vjp(lambda x: _lax_conv2d(x, kernel, padding, precision), x)[1](cotangent)[0]
+  (top, bottom), (left, right) = padding
+  padded = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+  out_h, out_w, out_c = cotangent.shape[1:]
+  rows = cotangent.reshape(-1, out_c).T
+  d_kernel = jnp.stack([jnp.stack([
+      jnp.matmul(rows, padded[:, i:i + out_h, j:j + out_w].reshape(-1, x.shape[-1]),
+                 precision=precision, preferred_element_type=jnp.float32)
+      for j in range(kernel.shape[1])]) for i in range(kernel.shape[0])])
+  return d_x, jnp.swapaxes(d_kernel, -1, -2).astype(kernel.dtype)
+
+
+_conv2d_matmul_kernel_grad.defvjp(_conv2d_fwd, _conv2d_bwd)
+
+
+def _channel_last(dimension_numbers, ndim: int) -> bool:
+  """True for lax's (N, *spatial, C) input and output and (*spatial, I, O) kernel."""
+  if dimension_numbers is None:
+    return False
+  last = ndim + 1
+  return (tuple(dimension_numbers.lhs_spec) == (0, last, *range(1, last))
+          and tuple(dimension_numbers.rhs_spec) == (last, ndim, *range(ndim))
+          and tuple(dimension_numbers.out_spec) == (0, last, *range(1, last)))
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, *, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
                          precision=None, **kwargs):
-  """`jax.lax.conv_general_dilated`, with 3-D convolutions routed through 2-D ones on CPU.
+  """`jax.lax.conv_general_dilated`, with two rewrites on CPU that compute the same sums.
 
-  The choice is made at trace time by `jax.default_backend()`: on GPU and TPU, XLA's own 3-D
-  convolution is the fast path and runs unchanged. Only plain channel-last 3-D convolutions
-  (no dilation, one feature group) take the folded path; everything else goes to lax.
+  Strided convolutions become stride-1 ones over space-to-depth blocks; 3-D ones then run as
+  2-D convolutions with the depth taps folded into the channels; 2-D ones with at least
+  `MATMUL_KERNEL_GRAD_FEATURES` outputs get a kernel gradient of matrix products
+  (`cpu_rewrites`). Only plain
+  channel-last convolutions (no dilation, one feature group) are rewritten; everything else
+  goes to lax.
   """
+  ndim = lhs.ndim - 2
   dilated = any(d != 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
-  if (jax.default_backend() == "cpu" and lhs.ndim == 5 and not dilated
-      and feature_group_count == 1 and dimension_numbers is not None
-      and tuple(dimension_numbers.lhs_spec) == (0, 4, 1, 2, 3)
-      and tuple(dimension_numbers.rhs_spec) == (4, 3, 0, 1, 2)
-      and tuple(dimension_numbers.out_spec) == (0, 4, 1, 2, 3)):
-    return _depth_folded_conv(lhs, rhs, window_strides, padding, precision=precision, **kwargs)
+  if (cpu_rewrites() and not dilated and feature_group_count == 1
+      and _channel_last(dimension_numbers, ndim)):
+    if any(s != 1 for s in window_strides):
+      return _space_to_depth_conv(lhs, rhs, window_strides, padding, precision=precision,
+                                  **kwargs)
+    if ndim == 3:
+      return _depth_folded_conv(lhs, rhs, window_strides, padding, precision=precision,
+                                **kwargs)
+    if (ndim == 2 and rhs.shape[-1] >= MATMUL_KERNEL_GRAD_FEATURES
+        and not any(v is not None for v in kwargs.values())):
+      if isinstance(padding, str):
+        padding = jax.lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], (1, 1), padding)
+      return _conv2d_matmul_kernel_grad(lhs, rhs, tuple(tuple(int(p) for p in pair)
+                                                        for pair in padding), precision)
   return jax.lax.conv_general_dilated(
       lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
       dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
       precision=precision, **kwargs)
+
+
+def upsample_transpose_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array | None) -> jax.Array:
+  """nnx.ConvTranspose with kernel = stride = 2 and "VALID" padding, as one matrix product.
+
+  The blocks do not overlap: output voxel `2 i + r` is `x[i] @ kernel[1 - r] + bias` (lax's
+  conv_transpose reads the kernel flipped), so a product with all `2**ndim` taps at once and
+  a depth-to-space rearrangement give the same values; the lax form convolves an input
+  dilated by 2, XLA:CPU's slow case (see `_space_to_depth_conv`).
+  """
+  ndim = x.ndim - 2
+  flipped = kernel[(slice(None, None, -1),) * ndim]
+  taps = jnp.moveaxis(flipped.reshape(2 ** ndim, *kernel.shape[-2:]), 0, 1)  # (I, 2**nd, O)
+  y = jnp.einsum("...i,ito->...to", x, taps.astype(x.dtype))
+  b, spatial, out = x.shape[0], x.shape[1:-1], kernel.shape[-1]
+  y = y.reshape(b, *spatial, *(2,) * ndim, out)
+  y = y.transpose(0, *[a for i in range(ndim) for a in (1 + i, 1 + ndim + i)], 1 + 2 * ndim)
+  y = y.reshape(b, *(2 * n for n in spatial), out)
+  return y if bias is None else y + bias.astype(y.dtype)
 
 
 def conv(in_features: int, out_features: int, ndim: int, *, kernel_size: int = 3,
@@ -219,7 +347,11 @@ class Up(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     if self.conv is not None:
-      return self.conv(x)
+      if not cpu_rewrites():
+        return self.conv(x)
+      x, kernel, bias = self.conv.promote_dtype(
+          (x, self.conv.kernel[...], self.conv.bias[...]), dtype=self.conv.dtype)
+      return upsample_transpose_conv(x, kernel, bias)
     if self.mode == "nearest":
       for axis in range(1, self.ndim + 1):
         x = jnp.repeat(x, 2, axis=axis)

@@ -106,6 +106,64 @@ def test_depth_folded_conv_matches_lax(kernel, stride, padding, depth):
     np.testing.assert_allclose(got_g, want_g, rtol=1e-5, atol=1e-4)
 
 
+# The layers' convolution (on CPU: strided ones over space-to-depth blocks, then 3-D ones
+# folded to 2-D) against lax's own: values and gradients, odd sizes and uneven padding.
+@pytest.mark.parametrize("ndim,spatial", [(1, (13,)), (2, (12, 9)), (3, (8, 7, 6))])
+@pytest.mark.parametrize("kernel,stride,padding", [
+    (4, 2, 1), (3, 2, "SAME"), (4, 2, "VALID"), (5, 3, ((2, 1),)), (2, 2, 0), (3, 1, "SAME")])
+@pytest.mark.parametrize("features", [4, 40])  # 40: the matrix-product kernel gradient
+def test_layers_convolution_matches_lax(ndim, spatial, kernel, stride, padding, features):
+  from acis_jax.models.layers import conv_general_dilated
+  if isinstance(padding, int):
+    padding = ((padding, padding),) * ndim
+  elif isinstance(padding, tuple):
+    padding = padding * ndim
+  k1, k2, k3 = jax.random.split(jax.random.key(3), 3)
+  x = jax.random.normal(k1, (2, *spatial, 3))
+  w = jax.random.normal(k2, (kernel,) * ndim + (3, features))
+  spec = {1: ("NWC", "WIO", "NWC"), 2: ("NHWC", "HWIO", "NHWC"),
+          3: ("NDHWC", "DHWIO", "NDHWC")}[ndim]
+  dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, spec)
+  convs = [lambda x, w, f=f: f(x, w, (stride,) * ndim, padding, dimension_numbers=dn,
+                               precision="highest")
+           for f in (jax.lax.conv_general_dilated, conv_general_dilated)]
+  want, got = (f(x, w) for f in convs)
+  assert got.shape == want.shape
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+  cotangent = jax.random.normal(k3, want.shape)
+  grads = [jax.grad(lambda x, w, f=f: jnp.sum(f(x, w) * cotangent), argnums=(0, 1))(x, w)
+           for f in convs]
+  for want_g, got_g in zip(*grads):
+    np.testing.assert_allclose(got_g, want_g, rtol=1e-5, atol=1e-4)
+  # Second order, as in the WGAN-GP gradient penalty: d/dw of |d loss / dx|^2.
+  penalties = [jax.grad(lambda w, f=f: jnp.sum(jax.grad(
+      lambda x: jnp.sum(jnp.sin(f(x, w)) * cotangent))(x) ** 2))(w) for f in convs]
+  np.testing.assert_allclose(penalties[1], penalties[0], rtol=1e-4,
+                             atol=1e-4 * float(jnp.abs(penalties[0]).max()))
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_transposed_upsampling_matches_conv_transpose(ndim):
+  """Up("transpose") on CPU (one matrix product, depth-to-space) against nnx.ConvTranspose's
+  lax path: values and gradients w.r.t. input, kernel and bias."""
+  up = Up(3, ndim, mode="transpose", rngs=nnx.Rngs(2))
+  x = jax.random.normal(jax.random.key(4), (2, *(5, 4, 3)[:ndim], 3))
+  cotangent = jax.random.normal(jax.random.key(5), (2, *(10, 8, 6)[:ndim], 3))
+  graphdef, params = nnx.split(up)
+
+  def loss(params, x, lax_path):
+    module = nnx.merge(graphdef, params)
+    y = module.conv(x) if lax_path else module(x)
+    return jnp.sum(y * cotangent), y
+
+  (_, want), want_g = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x, True)
+  (_, got), got_g = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x, False)
+  assert got.shape == want.shape == cotangent.shape
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+
+
 def test_conv_layers_take_the_folded_path_on_cpu_only(monkeypatch):
   """The layers' conv routes plain 3-D convolutions through the folded path on CPU."""
   from acis_jax.models import layers

@@ -126,6 +126,53 @@ def test_warp_gradients_match_finite_differences():
     assert np.all(np.isfinite(g)) and np.any(g != 0)
 
 
+def _map_coordinates_warp(image, disp, mode):
+  """Warp by jax.scipy.ndimage.map_coordinates per channel: an independent, autodiff-ed path."""
+  coords = identity_grid(disp.shape[:-1]) + disp
+  axes = [coords[..., a] for a in range(disp.shape[-1])]
+  return jnp.stack([jax.scipy.ndimage.map_coordinates(image[..., c], axes, order=1, mode=mode)
+                    for c in range(image.shape[-1])], -1)
+
+
+@pytest.mark.parametrize("shape", [(12, 14), (8, 10, 9)])
+@pytest.mark.parametrize("mode", ["nearest", "constant"])
+def test_warp_gradients_equal_autodiff_of_map_coordinates(shape, mode):
+  """The written-out backward pass of linear sampling gives autodiff's values (image and
+  displacement, points inside, across the border and outside the grid), in 2-D and 3-D."""
+  image = jnp.asarray(_random((*shape, 3), 1.0, 1))
+  disp = jnp.asarray(_random((*shape, len(shape)), 3.0, 2))  # many points leave the grid
+  weights = jnp.asarray(_random((*shape, 3), 1.0, 3))
+
+  def loss(warp_fn):
+    return lambda i, d: jnp.sum(jnp.sin(warp_fn(i, d)) * weights)
+
+  ours = jax.grad(loss(lambda i, d: warp(i, d, mode=mode)), argnums=(0, 1))(image, disp)
+  reference = jax.grad(loss(lambda i, d: _map_coordinates_warp(i, d, mode)),
+                       argnums=(0, 1))(image, disp)
+  for got, expected in zip(ours, reference):
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    assert np.any(np.asarray(expected) != 0)
+
+
+def test_warp_gradients_with_batches_and_low_precision_images():
+  """A batched field over a shared image sums the image gradient over the batch; a bfloat16
+  image gets a bfloat16 gradient of the float32 values."""
+  image = jnp.asarray(_random((10, 12, 2), 1.0, 4))
+  disp = jnp.asarray(_random((3, 10, 12, 2), 2.0, 5))
+  grad_image, grad_disp = jax.grad(lambda i, d: jnp.sum(warp(i, d) ** 2), argnums=(0, 1))(
+      image, disp)
+  per_example = [jax.grad(lambda i, d: jnp.sum(_map_coordinates_warp(i, d, "nearest") ** 2),
+                          argnums=(0, 1))(image, disp[b]) for b in range(3)]
+  np.testing.assert_allclose(grad_image, sum(g for g, _ in per_example), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(grad_disp, np.stack([g for _, g in per_example]), rtol=1e-5,
+                             atol=1e-5)
+  low = jax.grad(lambda i: jnp.sum(warp(i, disp[0]).astype(jnp.float32)))(
+      image.astype(jnp.bfloat16))
+  assert low.dtype == jnp.bfloat16
+  full = jax.grad(lambda i: jnp.sum(warp(i, disp[0])))(image)
+  np.testing.assert_allclose(low.astype(np.float32), full, rtol=1e-2, atol=1e-2)
+
+
 @pytest.mark.parametrize("bad, message", [
     (dict(image=np.zeros((8, 8, 1)), disp=np.zeros((8, 9, 2))), "spatial shape"),
     (dict(image=np.zeros((8, 8)), disp=np.zeros((8, 8, 2))), "image must have shape"),
