@@ -18,6 +18,9 @@ from typing import Callable, Iterator
 from absl import logging
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# Outside a training loop (between stages, loading, synthesizing) every write is atomic.
+RESUME_HINT = ("outside a training loop; everything written so far is kept, and the same "
+               "command goes on from there")
 
 
 class Stopped(BaseException):
@@ -58,7 +61,7 @@ def _handling(handler: Callable) -> Iterator[None]:
 def stops_raise() -> Iterator[None]:
   """Inside, SIGINT and SIGTERM raise `Stopped` where the main thread is."""
   def handler(signum, frame):
-    raise Stopped(signum)
+    raise Stopped(signum, RESUME_HINT)
   with _handling(handler):
     yield
 

@@ -14,6 +14,7 @@ def test_a_signal_raises_stopped_with_the_shells_exit_code(signum, code):
     os.kill(os.getpid(), signum)
   assert stopped.value.exit_code == code
   assert signal.Signals(signum).name in str(stopped.value)
+  assert "the same command" in str(stopped.value)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
