@@ -142,10 +142,12 @@ def _space_to_depth_conv(lhs, rhs, window_strides, padding, **kwargs):
       dimension_numbers=jax.lax.conv_dimension_numbers(x.shape, w.shape, spec), **kwargs)
 
 
-# From this many output channels on, a 2-D convolution's kernel gradient is computed as one
-# matrix product per tap: XLA:CPU's own kernel-gradient convolution was 1.4-10x slower there
-# at 2x256x256 and 64x64x64 (and 1.2-2.5x faster below it); benchmarks/peers.py.
+# From this many output channels and input voxels (batch x height x width) on, a 2-D
+# convolution's kernel gradient is computed as one matrix product per tap: XLA:CPU's own
+# kernel-gradient convolution was 1.4-10x slower there at 2x256x256 and 64x64x64 (and
+# 1.2-2.5x faster below 32 outputs; mixed at 4x64x64); benchmarks/peers.py.
 MATMUL_KERNEL_GRAD_FEATURES = 32
+MATMUL_KERNEL_GRAD_VOXELS = 65536
 
 
 def _lax_conv2d(x, kernel, padding, precision):
@@ -198,8 +200,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, *, lhs_dilation=None
   """`jax.lax.conv_general_dilated`, with two rewrites on CPU that compute the same sums.
 
   Strided convolutions become stride-1 ones over space-to-depth blocks; 3-D ones then run as
-  2-D convolutions with the depth taps folded into the channels; 2-D ones with at least
-  `MATMUL_KERNEL_GRAD_FEATURES` outputs get a kernel gradient of matrix products
+  2-D convolutions with the depth taps folded into the channels; large 2-D ones with at
+  least `MATMUL_KERNEL_GRAD_FEATURES` outputs get a kernel gradient of matrix products
   (`cpu_rewrites`). Only plain
   channel-last convolutions (no dilation, one feature group) are rewritten; everything else
   goes to lax.
@@ -215,6 +217,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, *, lhs_dilation=None
       return _depth_folded_conv(lhs, rhs, window_strides, padding, precision=precision,
                                 **kwargs)
     if (ndim == 2 and rhs.shape[-1] >= MATMUL_KERNEL_GRAD_FEATURES
+        and math.prod(lhs.shape[:3]) >= MATMUL_KERNEL_GRAD_VOXELS
         and not any(v is not None for v in kwargs.values())):
       if isinstance(padding, str):
         padding = jax.lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], (1, 1), padding)
