@@ -27,7 +27,6 @@ the integration of the velocity (scaling and squaring, forward + backward) on th
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import time
 
@@ -42,6 +41,7 @@ from acis_jax.models.generators import ImageGenerator
 from acis_jax.models.registration import RegistrationNet
 from acis_jax.spatial import integrate_velocity, warp
 from acis_jax.train import losses
+from acis_jax.train.networks import parameter_count
 
 NETS = ("registration", "image_generator", "segmentation")
 DEFAULT_SHAPES = {
@@ -60,10 +60,6 @@ def parse_shapes(text: str) -> list[tuple[tuple[int, ...], int]]:
     shape, _, batch = item.partition(":")
     out.append((tuple(int(n) for n in shape.split("x")), int(batch or 1)))
   return out
-
-
-def count(tree) -> int:
-  return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))
 
 
 def inputs(net: str, shape: tuple[int, ...], batch: int) -> dict[str, np.ndarray]:
@@ -141,7 +137,7 @@ def our_steps(net: str, ndim: int, batch):
   def infer_thunk():
     jax.block_until_ready(infer_compiled(state["params"], batch))
 
-  return train_thunk, infer_thunk, count(params), compile_s
+  return train_thunk, infer_thunk, parameter_count(params), compile_s
 
 
 def our_breakdown(ndim: int, batch):

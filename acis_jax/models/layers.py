@@ -65,6 +65,11 @@ def make_norm(kind: str, features: int, *, dtype: Any, rngs: nnx.Rngs) -> nnx.Gr
   return nnx.GroupNorm(features, num_groups=groups, epsilon=1e-5, dtype=dtype, rngs=rngs)
 
 
+# lax's dimension specs of channel-last convolutions, by spatial rank.
+CHANNEL_LAST_SPECS = {1: ("NWC", "WIO", "NWC"), 2: ("NHWC", "HWIO", "NHWC"),
+                      3: ("NDHWC", "DHWIO", "NDHWC")}
+
+
 def _depth_folded_conv(lhs, rhs, window_strides, padding, *, lhs_dilation=None,
                        rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
                        precision=None, **kwargs):
@@ -92,7 +97,7 @@ def _depth_folded_conv(lhs, rhs, window_strides, padding, *, lhs_dilation=None,
   y = conv_general_dilated(
       x, kernel, tuple(window_strides[1:]), hw_padding,
       dimension_numbers=jax.lax.conv_dimension_numbers(x.shape, kernel.shape,
-                                                        ("NHWC", "HWIO", "NHWC")),
+                                                        CHANNEL_LAST_SPECS[2]),
       feature_group_count=feature_group_count, precision=precision, **kwargs)
   return y.reshape(b, out_depth, *y.shape[1:])
 
@@ -101,6 +106,19 @@ def cpu_rewrites() -> bool:
   """Whether convolutions take the CPU forms below (decided at trace time, by backend): on GPU
   and TPU, XLA's own convolutions are the fast path and run unchanged."""
   return jax.default_backend() == "cpu"
+
+
+def _fold_blocks(a: jax.Array, first: int, factors: Sequence[int]) -> jax.Array:
+  """Cuts axes `first .. first + n` of `a` into blocks of `factors` and folds the offsets in a
+  block into axis `first + n` (in front of its own index): `(..., L_1, .., L_n, C, ...)` ->
+  `(..., L_1 / f_1, .., L_n / f_n, prod(f) * C, ...)`."""
+  n = len(factors)
+  lead, sizes, rest = a.shape[:first], a.shape[first:first + n], a.shape[first + n:]
+  blocks = [size // f for size, f in zip(sizes, factors)]
+  a = a.reshape(*lead, *[v for b, f in zip(blocks, factors) for v in (b, f)], *rest)
+  a = a.transpose(*range(first), *range(first, first + 2 * n, 2),
+                  *range(first + 1, first + 2 * n, 2), *range(first + 2 * n, a.ndim))
+  return a.reshape(*lead, *blocks, math.prod(factors) * rest[0], *rest[1:])
 
 
 def _space_to_depth_conv(lhs, rhs, window_strides, padding, **kwargs):
@@ -126,20 +144,12 @@ def _space_to_depth_conv(lhs, rhs, window_strides, padding, **kwargs):
   # Pad in front as asked, then pad or crop the end to whole blocks.
   x = jnp.pad(lhs, [(0, 0)] + [(lo, max(L - n - lo, 0)) for n, (lo, _), L in
                                zip(spatial, padding, blocked)] + [(0, 0)])
-  x = x[(slice(None), *(slice(0, L) for L in blocked))]
-  b, channels = lhs.shape[0], lhs.shape[-1]
-  x = x.reshape(b, *[v for L, s in zip(blocked, strides) for v in (L // s, s)], channels)
-  x = x.transpose(0, *range(1, 2 * ndim, 2), *range(2, 2 * ndim + 1, 2), 2 * ndim + 1)
-  x = x.reshape(b, *(L // s for L, s in zip(blocked, strides)), math.prod(strides) * channels)
-  w = jnp.pad(rhs, [(0, t * s - k) for t, s, k in zip(taps, strides, kernel)] + [(0, 0)] * 2)
-  w = w.reshape(*[v for t, s in zip(taps, strides) for v in (t, s)], *rhs.shape[-2:])
-  w = w.transpose(*range(0, 2 * ndim, 2), *range(1, 2 * ndim, 2), 2 * ndim, 2 * ndim + 1)
-  w = w.reshape(*taps, math.prod(strides) * rhs.shape[-2], rhs.shape[-1])
-  spec = {1: ("NWC", "WIO", "NWC"), 2: ("NHWC", "HWIO", "NHWC"),
-          3: ("NDHWC", "DHWIO", "NDHWC")}[ndim]
+  x = _fold_blocks(x[(slice(None), *(slice(0, L) for L in blocked))], 1, strides)
+  w = _fold_blocks(jnp.pad(rhs, [(0, t * s - k) for t, s, k in zip(taps, strides, kernel)]
+                           + [(0, 0)] * 2), 0, strides)
   return conv_general_dilated(
-      x, w, (1,) * ndim, "VALID",
-      dimension_numbers=jax.lax.conv_dimension_numbers(x.shape, w.shape, spec), **kwargs)
+      x, w, (1,) * ndim, "VALID", dimension_numbers=jax.lax.conv_dimension_numbers(
+          x.shape, w.shape, CHANNEL_LAST_SPECS[ndim]), **kwargs)
 
 
 # From this many output channels and input voxels (batch x height x width) on, a 2-D
@@ -152,7 +162,7 @@ MATMUL_KERNEL_GRAD_VOXELS = 65536
 
 def _lax_conv2d(x, kernel, padding, precision):
   return jax.lax.conv_general_dilated(x, kernel, (1, 1), padding,
-                                      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                      dimension_numbers=CHANNEL_LAST_SPECS[2],
                                       precision=precision)
 
 
@@ -184,16 +194,6 @@ def _conv2d_bwd(padding, precision, residuals, cotangent):
 _conv2d_matmul_kernel_grad.defvjp(_conv2d_fwd, _conv2d_bwd)
 
 
-def _channel_last(dimension_numbers, ndim: int) -> bool:
-  """True for lax's (N, *spatial, C) input and output and (*spatial, I, O) kernel."""
-  if dimension_numbers is None:
-    return False
-  last = ndim + 1
-  return (tuple(dimension_numbers.lhs_spec) == (0, last, *range(1, last))
-          and tuple(dimension_numbers.rhs_spec) == (last, ndim, *range(ndim))
-          and tuple(dimension_numbers.out_spec) == (0, last, *range(1, last)))
-
-
 def conv_general_dilated(lhs, rhs, window_strides, padding, *, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
                          precision=None, **kwargs):
@@ -208,8 +208,9 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, *, lhs_dilation=None
   """
   ndim = lhs.ndim - 2
   dilated = any(d != 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
-  if (cpu_rewrites() and not dilated and feature_group_count == 1
-      and _channel_last(dimension_numbers, ndim)):
+  if (cpu_rewrites() and not dilated and feature_group_count == 1 and ndim in CHANNEL_LAST_SPECS
+      and dimension_numbers == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape,
+                                                              CHANNEL_LAST_SPECS[ndim])):
     if any(s != 1 for s in window_strides):
       return _space_to_depth_conv(lhs, rhs, window_strides, padding, precision=precision,
                                   **kwargs)

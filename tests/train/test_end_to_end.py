@@ -29,12 +29,13 @@ def main_command(workdir):
           f"--workdir={workdir}"]
 
 
-def wait_for(path, process, log, timeout=600):
+def wait_for(ready, what, process, log, timeout=600):
+  """Polls `ready()` while `process` runs; fails with the end of its `log` if it exits."""
   deadline = time.time() + timeout
-  while not os.path.exists(path):
+  while not ready():
     assert process.poll() is None, log.read_text()[-3000:]
-    assert time.time() < deadline, f"{path} never appeared"
-    time.sleep(0.2)
+    assert time.time() < deadline, f"{what} never happened"
+    time.sleep(0.05)
 
 
 def test_sigkill_mid_stage_then_rerun_finishes_with_the_right_steps(tmp_path):
@@ -42,7 +43,8 @@ def test_sigkill_mid_stage_then_rerun_finishes_with_the_right_steps(tmp_path):
   first = subprocess.Popen(main_command(tmp_path), cwd=REPO, env=ENV, stdout=first_log,
                            stderr=subprocess.STDOUT)
   # The images stage checkpoints at steps 2 and 4 of 5: kill it after the first.
-  wait_for(tmp_path / "checkpoints" / "images" / "2", first, tmp_path / "first_run.log")
+  checkpoint = tmp_path / "checkpoints" / "images" / "2"
+  wait_for(checkpoint.exists, f"{checkpoint} appearing", first, tmp_path / "first_run.log")
   first.send_signal(signal.SIGKILL)
   first.wait()
   first_log.close()
@@ -55,10 +57,8 @@ def test_sigkill_mid_stage_then_rerun_finishes_with_the_right_steps(tmp_path):
   second = subprocess.Popen(main_command(tmp_path), cwd=REPO, env=ENV, stdout=second_log,
                             stderr=subprocess.STDOUT)
   log_path = tmp_path / "second_run.log"
-  deadline = time.time() + 600
-  while "[registration] step compiled" not in log_path.read_text():
-    assert second.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
-    time.sleep(0.05)
+  wait_for(lambda: "[registration] step compiled" in log_path.read_text(),
+           "the registration stage compiling", second, log_path)
   second.send_signal(signal.SIGINT)
   assert second.wait(timeout=300) == 130
   second_log.close()
