@@ -128,9 +128,10 @@ def _space_to_depth_conv(lhs, rhs, window_strides, padding, **kwargs):
   (space-to-depth); a kernel of `k` taps becomes `ceil(k / stride)` taps over the blocks, the
   missing taps zero. So `out[i] = sum_k w[k] x[s i + k]` is read as
   `sum_q sum_r w[s q + r] blocks[i + q, r]`. The gradient of a strided convolution is one
-  with a dilated input, which XLA:CPU computes slowly; this form has plain convolutions both
-  ways. With the transposed-conv rewrite below, the pix2pix generator's training step at
-  2x256x256 went from 32.5 to 14.2 s (benchmarks/peers.py).
+  with a dilated input; this form has plain convolutions both ways. Used in 3-D only: there
+  the pix2pix generator's step at 32x32x32 took 0.93x the time of depth-folding the strided
+  convolutions directly; in 2-D, XLA:CPU's own strided convolution was the faster one (this
+  form took 1.2-1.6x longer per convolution, 2.5x in the WGAN-GP second-order gradient).
   """
   ndim = lhs.ndim - 2
   spatial = lhs.shape[1:-1]
@@ -199,25 +200,25 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, *, lhs_dilation=None
                          precision=None, **kwargs):
   """`jax.lax.conv_general_dilated`, with two rewrites on CPU that compute the same sums.
 
-  Strided convolutions become stride-1 ones over space-to-depth blocks; 3-D ones then run as
-  2-D convolutions with the depth taps folded into the channels; large 2-D ones with at
-  least `MATMUL_KERNEL_GRAD_FEATURES` outputs get a kernel gradient of matrix products
-  (`cpu_rewrites`). Only plain
-  channel-last convolutions (no dilation, one feature group) are rewritten; everything else
-  goes to lax.
+  3-D convolutions run as 2-D ones with the depth taps folded into the channels, strided
+  3-D ones first becoming stride-1 ones over space-to-depth blocks; large stride-1 2-D ones
+  with at least `MATMUL_KERNEL_GRAD_FEATURES` outputs get a kernel gradient of matrix
+  products (`cpu_rewrites`). Only plain channel-last convolutions (no dilation, one feature
+  group) are rewritten; everything else, strided 1-D and 2-D ones included, goes to lax.
   """
   ndim = lhs.ndim - 2
   dilated = any(d != 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
   if (cpu_rewrites() and not dilated and feature_group_count == 1 and ndim in CHANNEL_LAST_SPECS
       and dimension_numbers == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape,
                                                               CHANNEL_LAST_SPECS[ndim])):
-    if any(s != 1 for s in window_strides):
+    strided = any(s != 1 for s in window_strides)
+    if strided and ndim == 3:
       return _space_to_depth_conv(lhs, rhs, window_strides, padding, precision=precision,
                                   **kwargs)
     if ndim == 3:
       return _depth_folded_conv(lhs, rhs, window_strides, padding, precision=precision,
                                 **kwargs)
-    if (ndim == 2 and rhs.shape[-1] >= MATMUL_KERNEL_GRAD_FEATURES
+    if (ndim == 2 and not strided and rhs.shape[-1] >= MATMUL_KERNEL_GRAD_FEATURES
         and math.prod(lhs.shape[:3]) >= MATMUL_KERNEL_GRAD_VOXELS
         and not any(v is not None for v in kwargs.values())):
       if isinstance(padding, str):

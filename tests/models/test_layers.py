@@ -106,8 +106,10 @@ def test_depth_folded_conv_matches_lax(kernel, stride, padding, depth):
     np.testing.assert_allclose(got_g, want_g, rtol=1e-5, atol=1e-4)
 
 
-# The layers' convolution (on CPU: strided ones over space-to-depth blocks, then 3-D ones
-# folded to 2-D) against lax's own: values and gradients, odd sizes and uneven padding.
+# The layers' convolution (on CPU: strided 3-D ones over space-to-depth blocks, 3-D ones
+# folded to 2-D, large 2-D ones with a matrix-product kernel gradient) and the space-to-depth
+# form itself, in every rank, against lax's own: values, gradients and second order, odd
+# sizes and uneven padding.
 @pytest.mark.parametrize("ndim,spatial", [(1, (13,)), (2, (12, 9)), (3, (8, 7, 6))])
 @pytest.mark.parametrize("kernel,stride,padding", [
     (4, 2, 1), (3, 2, "SAME"), (4, 2, "VALID"), (5, 3, ((2, 1),)), (2, 2, 0), (3, 1, "SAME")])
@@ -115,7 +117,7 @@ def test_depth_folded_conv_matches_lax(kernel, stride, padding, depth):
 def test_layers_convolution_matches_lax(ndim, spatial, kernel, stride, padding, features,
                                         monkeypatch):
   from acis_jax.models import layers
-  from acis_jax.models.layers import conv_general_dilated
+  from acis_jax.models.layers import _space_to_depth_conv, conv_general_dilated
   monkeypatch.setattr(layers, "MATMUL_KERNEL_GRAD_VOXELS", 1)  # test sizes take that path
   if isinstance(padding, int):
     padding = ((padding, padding),) * ndim
@@ -130,19 +132,24 @@ def test_layers_convolution_matches_lax(ndim, spatial, kernel, stride, padding, 
   convs = [lambda x, w, f=f: f(x, w, (stride,) * ndim, padding, dimension_numbers=dn,
                                precision="highest")
            for f in (jax.lax.conv_general_dilated, conv_general_dilated)]
-  want, got = (f(x, w) for f in convs)
-  assert got.shape == want.shape
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+  convs.append(lambda x, w: _space_to_depth_conv(x, w, (stride,) * ndim, padding,
+                                                 precision="highest"))
+  reference, rewritten = convs[0], convs[1:] if stride > 1 else convs[1:2]
+  want = reference(x, w)
   cotangent = jax.random.normal(k3, want.shape)
-  grads = [jax.grad(lambda x, w, f=f: jnp.sum(f(x, w) * cotangent), argnums=(0, 1))(x, w)
-           for f in convs]
-  for want_g, got_g in zip(*grads):
-    np.testing.assert_allclose(got_g, want_g, rtol=1e-5, atol=1e-4)
+  grad = lambda f: jax.grad(lambda x, w: jnp.sum(f(x, w) * cotangent), argnums=(0, 1))(x, w)
   # Second order, as in the WGAN-GP gradient penalty: d/dw of |d loss / dx|^2.
-  penalties = [jax.grad(lambda w, f=f: jnp.sum(jax.grad(
-      lambda x: jnp.sum(jnp.sin(f(x, w)) * cotangent))(x) ** 2))(w) for f in convs]
-  np.testing.assert_allclose(penalties[1], penalties[0], rtol=1e-4,
-                             atol=1e-4 * float(jnp.abs(penalties[0]).max()))
+  penalty = lambda f: jax.grad(lambda w: jnp.sum(jax.grad(
+      lambda x: jnp.sum(jnp.sin(f(x, w)) * cotangent))(x) ** 2))(w)
+  want_grads, want_penalty = grad(reference), penalty(reference)
+  for f in rewritten:
+    got = f(x, w)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    for want_g, got_g in zip(want_grads, grad(f)):
+      np.testing.assert_allclose(got_g, want_g, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(penalty(f), want_penalty, rtol=1e-4,
+                               atol=1e-4 * float(jnp.abs(want_penalty).max()))
 
 
 @pytest.mark.parametrize("ndim", [2, 3])
