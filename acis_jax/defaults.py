@@ -30,6 +30,9 @@ def base_config() -> ml_collections.ConfigDict:
                                      # () = the label ids as stored
   config.data.image_shape = (192, 192, 160)
   config.data.patch_shape = ()       # train on random patches of this shape; () = whole grid
+  config.data.spacing_mm = ()        # voxel size (mm, one or per axis) of the training grid,
+                                     # centred on each volume: the same physical scale in every
+                                     # case; () = each volume's field of view resized to it
   config.data.require_labels = True
   config.data.max_cases = 0          # 0 = every case
   config.data.num_slices = 1         # 2-D runs: axial slices per volume

@@ -20,7 +20,7 @@ import numpy as np
 
 from acis_jax.data.labels import read_dataset_json
 from acis_jax.data.nifti import Volume, as_ras, load_nifti
-from acis_jax.data.preprocess import preprocess_case, resize_labels
+from acis_jax.data.preprocess import fit_labels, preprocess_case
 
 _CHANNEL = re.compile(r"^(?P<name>.+)_(?P<channel>\d{4})$")
 
@@ -175,10 +175,11 @@ def load_case(
   return preprocess_case(image, label, shape)
 
 
-def load_label_maps(folder: str | os.PathLike, shape: tuple[int, ...], num_classes: int
-                    ) -> tuple[list[str], np.ndarray]:
+def load_label_maps(folder: str | os.PathLike, shape: tuple[int, ...], num_classes: int,
+                    spacing: Sequence[float] = ()) -> tuple[list[str], np.ndarray]:
   """The label maps of a folder (an nnU-Net `labelsTr`: NAME.nii.gz), as the run's examples
-  are made (RAS+ axes, nearest-neighbour resize to `shape`): `(names, int32 (n, *shape))`.
+  are made (RAS+ axes, nearest neighbour onto the grid of `shape` and `spacing`, see
+  `preprocess.fit_labels`): `(names, int32 (n, *shape))`.
 
   Raises:
     ValueError, before anything is made, naming the folder or the file: a missing folder or
@@ -201,5 +202,5 @@ def load_label_maps(folder: str | os.PathLike, shape: tuple[int, ...], num_class
       raise ValueError(f"{path}: labels go up to {int(label.array.max())} but the run has "
                        f"data.num_classes={num_classes} (with the background)")
     names.append(name)
-    maps.append(resize_labels(as_ras(label), shape).array.astype(np.int32))
+    maps.append(fit_labels(as_ras(label), shape, spacing).array.astype(np.int32))
   return names, np.stack(maps)

@@ -127,6 +127,54 @@ def resize_image(volume: Volume, shape: Sequence[int]) -> Volume:
   return resize_volume(Volume(array, volume.affine, volume.path), shape, order=1)
 
 
+def spaced_affine(volume: Volume, shape: Sequence[int], spacing: Sequence[float]
+                  ) -> np.ndarray:
+  """The (4, 4) affine of a grid of `shape` with voxels of `spacing` mm, centred on `volume`'s
+  centre, its axes along the volume's (a 2-D slice keeps its plane)."""
+  n = volume.array.ndim
+  affine = np.array(volume.affine, dtype=np.float64)
+  centre = affine @ np.array([(size - 1) / 2 for size in volume.array.shape]
+                             + [0.0] * (3 - n) + [1.0])
+  for axis in range(n):
+    affine[:3, axis] *= spacing[axis] / np.linalg.norm(affine[:3, axis])
+  affine[:3, 3] = centre[:3] - affine[:3, :n] @ [(size - 1) / 2 for size in shape]
+  return affine
+
+
+def check_spacing(spacing: Sequence[float], shape: Sequence[int]) -> tuple[float, ...]:
+  """`spacing` as one float per axis of `shape` (one number serves every axis)."""
+  spacing = tuple(float(s) for s in spacing)
+  if len(spacing) == 1:
+    spacing = spacing * len(shape)
+  if len(spacing) != len(shape) or min(spacing) <= 0:
+    raise ValueError(f"data.spacing_mm={spacing} must be () or positive voxel sizes in mm, one "
+                     f"or one per axis of data.image_shape={tuple(shape)}")
+  return spacing
+
+
+def respace_image(volume: Volume, shape: Sequence[int], spacing: Sequence[float],
+                  outside: float = 0.0) -> Volume:
+  """Linear resampling to the grid of `spaced_affine`, float32; axes whose voxels grow by a
+  factor f are first Gaussian-smoothed with sigma = (f - 1) / 2 voxels (as `resize_image`).
+  Voxels beyond the scan read `outside`."""
+  shape = _target_shape(volume, shape)
+  sigma = np.maximum(0.0, (np.divide(spacing, volume.spacing[:len(shape)]) - 1.0) / 2.0)
+  array = volume.array.astype(np.float32)
+  if np.any(sigma > 0):
+    array = ndi.gaussian_filter(array, sigma, mode="nearest")
+  return resample_to(Volume(array, volume.affine, volume.path), shape,
+                     spaced_affine(volume, shape, spacing), order=1, mode="constant",
+                     cval=outside)
+
+
+def respace_labels(volume: Volume, shape: Sequence[int], spacing: Sequence[float]) -> Volume:
+  """Nearest-neighbour resampling to the grid of `spaced_affine`; background (0) beyond the
+  scan."""
+  shape = _target_shape(volume, shape)
+  return resample_to(volume, shape, spaced_affine(volume, shape, spacing), order=0,
+                     mode="constant", cval=0)
+
+
 def resize_labels(volume: Volume, shape: Sequence[int]) -> Volume:
   """Nearest-neighbour resize: integer dtype and label values stay (small labels may vanish)."""
   if volume.array.dtype.kind not in "biu":
@@ -159,13 +207,30 @@ def check_same_grid(image: Volume, label: Volume) -> None:
 
 
 def preprocess_case(
-    image: Volume, label: Volume | None, shape: Sequence[int] | None
+    image: Volume, label: Volume | None, shape: Sequence[int] | None,
+    spacing: Sequence[float] = ()
 ) -> tuple[Volume, Volume | None]:
-  """Windows the HU image to [0, 1] float32 and resizes image (linear) and label (nearest) to
-  `shape` (None keeps the source grid), after checking that they share a grid."""
+  """Windows the HU image to [0, 1] float32 and resamples image (linear) and label (nearest),
+  after checking that they share a grid: to `shape` over the same field of view, or, given a
+  `spacing` (mm), to `shape` voxels of that size around the volume's centre, so that a voxel
+  is the same size in every case (what lies beyond the scan reads as air and background).
+  `shape` None keeps the source grid."""
   if label is not None:
     check_same_grid(image, label)
   windowed = Volume(window_hu(image.array), image.affine, image.path)
   if shape is None:
     return windowed, label
-  return resize_image(windowed, shape), None if label is None else resize_labels(label, shape)
+  if spacing:
+    image_out = respace_image(windowed, shape, check_spacing(spacing, shape),
+                              outside=float(window_hu(HU_WINDOW[0])))
+  else:
+    image_out = resize_image(windowed, shape)
+  return image_out, None if label is None else fit_labels(label, shape, spacing)
+
+
+def fit_labels(label: Volume, shape: Sequence[int], spacing: Sequence[float] = ()) -> Volume:
+  """A label map on the training grid: `respace_labels` given a `spacing` (mm), else
+  `resize_labels` (see `preprocess_case`)."""
+  if spacing:
+    return respace_labels(label, shape, check_spacing(spacing, shape))
+  return resize_labels(label, shape)

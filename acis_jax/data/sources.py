@@ -155,6 +155,7 @@ def load_examples(data: Any) -> list[Example]:
   Fields: `data_dir` (an nnU-Net folder; empty for a built-in sample),
   `sample` ("chest", "lobes", "abdomen", several joined by commas, or "phantom"), `classes`
   (label names to keep, in order; () = as stored), `image_shape` (2 or 3 ints),
+  `spacing_mm` (voxel size of the training grid; () = each volume's field of view resized),
   `require_labels`, `max_cases` (0 = all), and for 2-D runs `num_slices` and
   `slice_band` (fractions of the axial extent to take slices from).
   """
@@ -174,6 +175,7 @@ def load_examples(data: Any) -> list[Example]:
       raise ValueError(f"{image.path or name}: a {image.array.ndim}-D image cannot feed a "
                        f"{len(shape)}-D run (data.image_shape={shape})")
     for example_name, slice_image, slice_label in pairs:
-      image_out, label_out = preprocess_case(slice_image, slice_label, shape)
+      image_out, label_out = preprocess_case(slice_image, slice_label, shape,
+                                             tuple(data.spacing_mm))
       examples.append(Example(example_name, image_out, label_out))
   return examples

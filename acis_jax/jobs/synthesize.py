@@ -59,7 +59,7 @@ def starting_cases(config, examples: list[Example] | None, workdir: Workdir):
   label_maps = None
   if settings.source == "labels":  # first: a bad file names itself before anything runs
     _, label_maps = load_label_maps(settings.labels_dir, tuple(config.data.image_shape),
-                                    config.data.num_classes)
+                                    config.data.num_classes, tuple(config.data.spacing_mm))
   data = load_training_data(config, examples)
   workdir.require_trained(run_fingerprint(config, data))
   if label_maps is None:

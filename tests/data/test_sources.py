@@ -59,6 +59,24 @@ def test_load_examples_from_a_folder_in_3d_and_2d(tmp_path):
   assert all(s.label.array.dtype.kind == "u" for s in slices)
 
 
+def test_spacing_mm_puts_every_slice_on_that_voxel_size_around_its_volume(tmp_path):
+  plain = load_examples(data_config(tmp_path, (24, 24), num_slices=2))
+  spaced = load_examples(data_config(tmp_path, (24, 24), write_phantom=False, num_slices=2,
+                                     spacing_mm=(3.0,)))
+  source = load_nifti(next((tmp_path / "imagesTr").glob("*.nii.gz")))
+  centre = apply_affine(source.affine, (np.array(source.array.shape) - 1) / 2)
+  for example, reference in zip(spaced, plain):
+    assert example.name == reference.name and example.image.array.shape == (24, 24)
+    np.testing.assert_allclose(example.image.spacing, 3.0)
+    np.testing.assert_allclose(example.label.affine, example.image.affine)
+    # In the slice's plane its centre is the volume's; along the axial axis, the slice's own.
+    middle = apply_affine(example.image.affine, (11.5, 11.5, 0.0))
+    reference_middle = apply_affine(reference.image.affine, (11.5, 11.5, 0.0))
+    np.testing.assert_allclose(middle, reference_middle, atol=1e-6)
+    np.testing.assert_allclose(middle[:2], centre[:2], atol=1e-6)  # the phantom's axial axis: z
+  assert not np.allclose(spaced[0].image.spacing, plain[0].image.spacing)
+
+
 def test_a_2d_folder_cannot_feed_a_3d_run(tmp_path):
   from acis_jax.data import save_nifti
   (tmp_path / "imagesTr").mkdir()
