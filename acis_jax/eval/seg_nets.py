@@ -83,20 +83,21 @@ class MedNeXtBlock(nnx.Module):
       raise ValueError(f"MedNeXtBlock: kernel_size must be odd, got {kernel_size}")
     k, half = kernel_size, kernel_size // 2
     conv = dict(dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+    depthwise = dict(conv, feature_group_count=in_features,
+                     conv_general_dilated=layers.conv_general_dilated)
     if resample == "up":
       # A stride-2 transposed conv is a conv over the input dilated by 2; the padding (half+1,
       # half) makes every size exactly double (PyTorch pads the first voxel after its
       # ConvTranspose for the same reason).
       self.depthwise = nnx.Conv(in_features, in_features, (k,) * spatial_dims,
                                 input_dilation=2, padding=((half + 1, half),) * spatial_dims,
-                                feature_group_count=in_features, **conv)
+                                **depthwise)
       self.shortcut = nnx.Conv(in_features, out_features, (1,) * spatial_dims,
                                input_dilation=2, padding=((1, 0),) * spatial_dims, **conv)
     else:
       stride = 2 if resample == "down" else 1
       self.depthwise = nnx.Conv(in_features, in_features, (k,) * spatial_dims, stride,
-                                padding=((half, half),) * spatial_dims,
-                                feature_group_count=in_features, **conv)
+                                padding=((half, half),) * spatial_dims, **depthwise)
       self.shortcut = (nnx.Conv(in_features, out_features, (1,) * spatial_dims, 2,
                                 padding="VALID", **conv) if resample == "down" else None)
     self.norm = layers.make_norm("instance", in_features, dtype=dtype, rngs=rngs)

@@ -6,6 +6,7 @@ Dropout is driven by an explicit key at call time: `key=None` means deterministi
 holds parameters only (no RNG state) and works in NNX graph and tree mode alike.
 """
 import functools
+import itertools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -195,6 +196,35 @@ def _conv2d_bwd(padding, precision, residuals, cotangent):
 _conv2d_matmul_kernel_grad.defvjp(_conv2d_fwd, _conv2d_bwd)
 
 
+def _depthwise_shifted_sum(lhs, rhs, window_strides, padding, lhs_dilation):
+  """A channel-last depthwise convolution (one feature group per channel, kernel
+  `(*k, 1, C)`) as a sum over the taps of strided slices times the tap's weights (same sums).
+
+  An input dilation (a transposed convolution) interleaves zeros explicitly. XLA:CPU runs
+  grouped convolutions as slow loops, slowest with an input dilation; these slices and
+  products are elementwise work (MedNeXt's blocks, benchmarks/peers.py).
+  """
+  ndim = lhs.ndim - 2
+  dilation = tuple(lhs_dilation or (1,) * ndim)
+  if any(d != 1 for d in dilation):
+    dilated = [(n - 1) * d + 1 for n, d in zip(lhs.shape[1:-1], dilation)]
+    lhs = jnp.zeros((lhs.shape[0], *dilated, lhs.shape[-1]), lhs.dtype).at[
+        (slice(None), *(slice(None, None, d) for d in dilation))].set(lhs)
+  kernel = rhs.shape[:ndim]
+  if isinstance(padding, str):
+    padding = jax.lax.padtype_to_pads(lhs.shape[1:-1], kernel, window_strides, padding)
+  x = jnp.pad(lhs, ((0, 0), *padding, (0, 0)))
+  out = [(n - k) // s + 1 for n, k, s in zip(x.shape[1:-1], kernel, window_strides)]
+  weights = rhs.astype(lhs.dtype)
+  y = None
+  for tap in itertools.product(*(range(k) for k in kernel)):
+    window = x[(slice(None), *(slice(t, t + s * (o - 1) + 1, s)
+                               for t, s, o in zip(tap, window_strides, out)))]
+    term = window * weights[tap][0]
+    y = term if y is None else y + term
+  return y
+
+
 def conv_general_dilated(lhs, rhs, window_strides, padding, *, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
                          precision=None, **kwargs):
@@ -207,6 +237,13 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, *, lhs_dilation=None
   group) are rewritten; everything else, strided 1-D and 2-D ones included, goes to lax.
   """
   ndim = lhs.ndim - 2
+  if (cpu_rewrites() and ndim in CHANNEL_LAST_SPECS and feature_group_count > 1
+      and feature_group_count == lhs.shape[-1] == rhs.shape[-1] and rhs.shape[-2] == 1
+      and not any(d != 1 for d in (rhs_dilation or ()))
+      and not any(v is not None for v in kwargs.values())
+      and dimension_numbers == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape,
+                                                              CHANNEL_LAST_SPECS[ndim])):
+    return _depthwise_shifted_sum(lhs, rhs, tuple(window_strides), padding, lhs_dilation)
   dilated = any(d != 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
   if (cpu_rewrites() and not dilated and feature_group_count == 1 and ndim in CHANNEL_LAST_SPECS
       and dimension_numbers == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape,

@@ -152,6 +152,39 @@ def test_layers_convolution_matches_lax(ndim, spatial, kernel, stride, padding, 
                                atol=1e-4 * float(jnp.abs(want_penalty).max()))
 
 
+# Depthwise convolutions (MedNeXt's blocks: plain, strided, and transposed as an input
+# dilation) through the layers' convolution (on CPU: sums of strided slices) against lax's.
+@pytest.mark.parametrize("ndim,spatial", [(1, (11,)), (2, (9, 8)), (3, (6, 5, 7))])
+@pytest.mark.parametrize("kernel,stride,padding,dilation", [
+    (3, 1, 1, 1), (5, 1, "SAME", 1), (3, 2, 1, 1), (3, 1, ((2, 1),), 2), (1, 1, 0, 2)])
+def test_depthwise_convolution_matches_lax(ndim, spatial, kernel, stride, padding, dilation):
+  from acis_jax.models.layers import conv_general_dilated
+  if isinstance(padding, int):
+    padding = ((padding, padding),) * ndim
+  elif isinstance(padding, tuple):
+    padding = padding * ndim
+  k1, k2, k3 = jax.random.split(jax.random.key(5), 3)
+  channels = 6
+  x = jax.random.normal(k1, (2, *spatial, channels))
+  w = jax.random.normal(k2, (kernel,) * ndim + (1, channels))
+  spec = {1: ("NWC", "WIO", "NWC"), 2: ("NHWC", "HWIO", "NHWC"),
+          3: ("NDHWC", "DHWIO", "NDHWC")}[ndim]
+  dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, spec)
+  reference, rewritten = (
+      lambda x, w, f=f: f(x, w, (stride,) * ndim, padding, lhs_dilation=(dilation,) * ndim,
+                          dimension_numbers=dn, feature_group_count=channels,
+                          precision="highest")
+      for f in (jax.lax.conv_general_dilated, conv_general_dilated))
+  want, got = reference(x, w), rewritten(x, w)
+  assert got.shape == want.shape
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  cotangent = jax.random.normal(k3, want.shape)
+  grads = [jax.grad(lambda x, w, f=f: jnp.sum(f(x, w) * cotangent), argnums=(0, 1))(x, w)
+           for f in (reference, rewritten)]
+  for want_g, got_g in zip(*grads):
+    np.testing.assert_allclose(got_g, want_g, rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("ndim", [2, 3])
 def test_transposed_upsampling_matches_conv_transpose(ndim):
   """Up("transpose") on CPU (one matrix product, depth-to-space) against nnx.ConvTranspose's
