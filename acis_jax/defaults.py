@@ -11,6 +11,7 @@ import ml_collections
 from acis_jax.data.augment import AugmentParams
 from acis_jax.data.nnunet import dataset_folder_name
 from acis_jax.pseudomask import PseudoMaskParams
+from acis_jax.synthesizers.synthseg import SynthSegParams
 from acis_jax.workdir import SYNTHETIC_FOLDERS
 
 # What `synthesize` starts each pair from (acis_jax.jobs.synthesize).
@@ -190,7 +191,7 @@ def evaluate_config() -> ml_collections.ConfigDict:
   """
   ev = ml_collections.ConfigDict()
   ev.num_train = (4, 8, 16)         # few-shot sizes n (each <= the training pool)
-  ev.arms = ("baseline", "acis-", "acis", "upper")  # acis- = no refinement
+  ev.arms = ("baseline", "acis-", "acis", "upper")  # acis- = no refinement; + "synthseg"
   ev.seeds = (0, 1, 2)
   ev.train_band = (0.2, 0.42)       # 2-D: axial band of the training pool (fractions)
   ev.test_band = (0.44, 0.64)       # 2-D: axial band of the test slices, disjoint from it
@@ -215,6 +216,7 @@ def evaluate_config() -> ml_collections.ConfigDict:
   ev.nsd_tolerance_mm = 2.0
   ev.alpha = 0.05                   # the '*' threshold of the one-sided Wilcoxon test
   ev.augment = ml_collections.ConfigDict(dataclasses.asdict(AugmentParams()))
+  ev.synthseg = ml_collections.ConfigDict(dataclasses.asdict(SynthSegParams()))  # its arm
 
   # Constructor arguments of each network (acis_jax.eval.seg_nets / recon_nets).
   ev.nets = ml_collections.ConfigDict()

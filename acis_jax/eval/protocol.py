@@ -4,6 +4,8 @@ For every few-shot size n in `evaluate.num_train`, every downstream task and net
 seed, one network is trained per arm and scored on held-out real cases only:
 
   * "baseline": the n real training cases;
+  * "synthseg": the n real cases + M SynthSeg-style pairs painted on their label maps
+                (`acis_jax.synthesizers.synthseg`, `evaluate.synthseg`; no training);
   * "acis-":    the n real cases + M synthetic pairs from the synthesizer BEFORE refinement;
   * "acis":     the n real cases + M synthetic pairs from the refined synthesizer;
   * "upper":    every case of the real training pool (does not depend on n; trained once and
@@ -74,10 +76,12 @@ from acis_jax.data.sources import Example, cases_digest, load_examples, parse_sl
 from acis_jax.eval import downstream, report
 from acis_jax.eval.nets import RECONSTRUCTION_NETS, SEGMENTATION_NETS, net_factory
 from acis_jax.jobs import synthesize
+from acis_jax.rng import stream_key
+from acis_jax.synthesizers.synthseg import SynthSegParams, synthseg_pairs
 from acis_jax.train import trainer
 from acis_jax.workdir import SYNTHETIC_FOLDERS, Workdir, write_json_atomically
 
-ARMS = ("baseline", "acis-", "acis", "upper")
+ARMS = tuple(report.ARM_TITLES)
 
 
 
@@ -351,6 +355,11 @@ def _check_settings(config) -> None:
     raise ValueError("evaluate.seeds is empty")
   if not ev.num_train and any(arm != "upper" for arm in ev.arms):
     raise ValueError("evaluate.num_train is empty but the arms need few-shot sizes")
+  if "synthseg" in ev.arms:
+    if config.data.num_classes < 2:
+      raise ValueError("evaluate.arms has 'synthseg', which paints label maps: it needs "
+                       f"labels (data.num_classes >= 2, got {config.data.num_classes})")
+    SynthSegParams.from_config(ev.synthseg)
   if jax.process_count() > 1:
     raise ValueError("mode=evaluate runs in a single process; start it without "
                      "jax.distributed")
@@ -368,6 +377,12 @@ def training_sets(config, workdir: str, split: Split) -> dict[tuple[str, int], C
     for arm in ev.arms:
       if arm == "baseline":
         sets[arm, int(n)] = real
+      elif arm == "synthseg":
+        images, labels = synthseg_pairs(
+            stream_key(config.seed, f"evaluate/synthseg/n{int(n)}"), real.labels,
+            config.synthesize.num_samples, config.data.num_classes,
+            SynthSegParams.from_config(ev.synthseg))
+        sets[arm, int(n)] = _join(real, np.asarray(images), np.asarray(labels))
       elif arm in SYNTHETIC_FOLDERS:
         folder = root.synthetic(arm)
         sets[arm, int(n)] = _join(real, *load_synthetic(folder, config.synthesize.num_samples,

@@ -40,7 +40,9 @@ import numpy as np  # noqa: E402
 from acis_jax.eval.statistics import wilcoxon_greater  # noqa: E402
 
 COLUMNS = ("arm", "n", "net", "task", "seed", "case", "metric", "value")
-ARM_TITLES = {"baseline": "Baseline", "acis-": "ACIS-", "acis": "ACIS", "upper": "Upper bound"}
+# Every arm of the protocol, in the paper's column order.
+ARM_TITLES = {"baseline": "Baseline", "synthseg": "SynthSeg-style", "acis-": "ACIS-",
+              "acis": "ACIS", "upper": "Upper bound"}
 REFERENCE_ARM = "upper"   # shown, never bold, never tested against
 TESTED_ARM = "acis"       # the arm that earns a '*'
 

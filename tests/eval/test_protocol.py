@@ -218,6 +218,38 @@ def test_the_synthesizer_of_size_n_sees_only_those_n_slices(tmp_path, monkeypatc
   assert calls == []
 
 
+def test_the_synthseg_arm_paints_the_n_real_label_maps_without_a_synthesizer(tmp_path,
+                                                                             monkeypatch):
+  config = make_config(tmp_path, arms=("baseline", "synthseg"), denoise_sigmas=(),
+                       train_synthesizer=True)
+  trained_on = []
+  real_train = downstream.train_downstream
+
+  def recording_train(factory, task, inputs, targets=None, **kw):
+    trained_on.append((np.asarray(inputs)[..., 0], np.asarray(targets)))
+    return real_train(factory, task, inputs, targets, **kw)
+
+  def no_synthesizer(*args, **kwargs):
+    raise AssertionError("the synthseg arm trained a synthesizer")
+
+  monkeypatch.setattr(downstream, "train_downstream", recording_train)
+  monkeypatch.setattr(protocol.trainer, "train", no_synthesizer)
+  protocol.run(config, str(tmp_path / "work"))
+  (base_x, base_y), (synth_x, synth_y) = sorted(trained_on, key=lambda t: len(t[0]))
+  assert len(base_x) == N and len(synth_x) == N + M
+  np.testing.assert_array_equal(synth_x[:N], base_x)
+  np.testing.assert_array_equal(synth_y[:N], base_y)
+  assert set(np.unique(synth_y[N:])) <= set(np.unique(base_y))
+  assert 0.0 <= synth_x[N:].min() and synth_x[N:].max() <= 1.0
+  assert "SynthSeg-style DSC (%)" in (tmp_path / "work" / "eval" / "table.md").read_text()
+
+  config.data.num_classes = 0
+  config.evaluate.segmentation = False
+  config.evaluate.denoise_sigmas = (0.1,)
+  with pytest.raises(ValueError, match="synthseg.*needs labels"):
+    protocol.run(config, str(tmp_path / "work"))
+
+
 def two_patient_config(tmp_path, **evaluate):
   config = make_config(tmp_path, train_band=(0.3, 0.7), test_band=(0.3, 0.7), **evaluate)
   patients = tmp_path / "patients"

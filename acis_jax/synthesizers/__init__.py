@@ -1,0 +1,1 @@
+"""Synthesizers other than ACIS, the comparison arms of the evaluation protocol."""

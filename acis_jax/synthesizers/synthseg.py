@@ -1,0 +1,129 @@
+"""SynthSeg-style domain randomisation (Billot et al., Medical Image Analysis 2023): image-label
+pairs from real label maps alone, no training.
+
+Each pair: one of the real label maps, moved by a random smooth diffeomorphism (labels stay
+labels: one-hot, linear warp, argmax); an image that paints every label with intensities
+from its own Gaussian, mean and standard deviation drawn per label and per pair; a Gaussian
+blur of random width; a smooth multiplicative bias field; additive noise; a random gamma.
+What it keeps of SynthSeg: labels -> random-appearance images through a Gaussian mixture,
+deformation, blur, bias and noise. What it leaves out: the random affine and resolution
+(slice thickness) models, and the extra generation-only labels SynthSeg paints tissue with:
+here the unlabelled body is one class, so it is painted as one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from acis_jax.spatial import integrate_velocity, random_velocity, smooth_periodic, warp_labels
+
+
+@dataclasses.dataclass(frozen=True)
+class SynthSegParams:
+  """Ranges of the randomisation; intensities in [0, 1] image units, lengths in voxels.
+
+  Attributes:
+    mean_range: each label's mean intensity is uniform in this range (SynthSeg: 0-255, here
+      the same range on [0, 1]).
+    std_range: each label's standard deviation, uniform in this range (SynthSeg: 0-35 of 255).
+    deformation_rms, deformation_scale: the velocity field's rms length and smoothing scale
+      (`spatial.random_velocity`), integrated in `integration_steps` squarings.
+    blur_max: the blur's Gaussian standard deviation is uniform in [0, blur_max].
+    bias_std, bias_scale: the log bias field's standard deviation and smoothing scale.
+    noise_max: the noise's standard deviation is uniform in [0, noise_max].
+    gamma_std: the image is raised to exp(g), g normal with this standard deviation.
+  """
+  mean_range: tuple[float, float] = (0.0, 1.0)
+  std_range: tuple[float, float] = (0.0, 0.14)
+  deformation_rms: float = 2.0
+  deformation_scale: float = 8.0
+  integration_steps: int = 7
+  blur_max: float = 1.0
+  bias_std: float = 0.3
+  bias_scale: float = 12.0
+  noise_max: float = 0.03
+  gamma_std: float = 0.2
+
+  @classmethod
+  def from_config(cls, section) -> "SynthSegParams":
+    values = {f.name: section[f.name] for f in dataclasses.fields(cls)}
+    for name in ("mean_range", "std_range"):
+      values[name] = tuple(float(v) for v in values[name])
+    params = cls(**values)
+    for name in ("mean_range", "std_range"):
+      low, high = getattr(params, name)
+      if not 0.0 <= low <= high:
+        raise ValueError(f"evaluate.synthseg.{name}={getattr(params, name)}: need 0 <= low <= high")
+    return params
+
+
+def label_intensities(key: jax.Array, labels: jax.Array, num_classes: int,
+                      params: SynthSegParams) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Each voxel drawn from its label's Gaussian: `(image (*spatial), means (K,), stds (K,))`."""
+  k_mean, k_std, k_voxel = jax.random.split(key, 3)
+  means = jax.random.uniform(k_mean, (num_classes,), minval=params.mean_range[0],
+                             maxval=params.mean_range[1])
+  stds = jax.random.uniform(k_std, (num_classes,), minval=params.std_range[0],
+                            maxval=params.std_range[1])
+  image = means[labels] + stds[labels] * jax.random.normal(k_voxel, labels.shape)
+  return image, means, stds
+
+
+def gaussian_blur(image: jax.Array, sigma: jax.Array, radius: int) -> jax.Array:
+  """`image` `(*spatial)` blurred by a Gaussian of standard deviation `sigma` (traced) along
+  every axis, with a kernel of `2 radius + 1` taps and the edges repeated."""
+  offsets = jnp.arange(-radius, radius + 1, dtype=jnp.float32)
+  weights = jnp.exp(-0.5 * (offsets / jnp.maximum(sigma, 1e-3)) ** 2)
+  weights = weights / jnp.sum(weights)
+  for axis in range(image.ndim):
+    size = image.shape[axis]
+    padded = jnp.pad(image, [(radius, radius) if a == axis else (0, 0)
+                             for a in range(image.ndim)], mode="edge")
+    image = sum(weights[t] * jax.lax.slice_in_dim(padded, t, t + size, axis=axis)
+                for t in range(2 * radius + 1))
+  return image
+
+
+@functools.partial(jax.jit, static_argnames=("num_classes", "params"))
+def synthseg_pair(key: jax.Array, label_maps: jax.Array, num_classes: int,
+                  params: SynthSegParams) -> tuple[jax.Array, jax.Array]:
+  """One pair from `label_maps` `(n, *spatial)`: image `(*spatial, 1)` in [0, 1], labels."""
+  k_pick, k_velocity, k_paint, k_blur, k_bias, k_noise_std, k_noise, k_gamma = (
+      jax.random.split(key, 8))
+  spatial = label_maps.shape[1:]
+  labels = label_maps[jax.random.randint(k_pick, (), 0, label_maps.shape[0])]
+  velocity = random_velocity(k_velocity, spatial, params.deformation_rms,
+                             params.deformation_scale)
+  disp = integrate_velocity(velocity, params.integration_steps)
+  labels = warp_labels(labels, disp, num_classes)
+  image, _, _ = label_intensities(k_paint, labels, num_classes, params)
+  radius = max(1, math.ceil(3 * params.blur_max))
+  image = gaussian_blur(image, params.blur_max * jax.random.uniform(k_blur), radius)
+  log_bias = smooth_periodic(jax.random.normal(k_bias, (*spatial, 1)), params.bias_scale)[..., 0]
+  log_bias = params.bias_std * (log_bias - jnp.mean(log_bias)) / jnp.maximum(
+      jnp.std(log_bias), 1e-12)
+  image = image * jnp.exp(log_bias)
+  noise_std = params.noise_max * jax.random.uniform(k_noise_std)
+  image = image + noise_std * jax.random.normal(k_noise, spatial)
+  low, high = jnp.min(image), jnp.max(image)
+  image = (image - low) / jnp.maximum(high - low, 1e-6)
+  image = image ** jnp.exp(params.gamma_std * jax.random.normal(k_gamma))
+  return image[..., None].astype(jnp.float32), labels
+
+
+def synthseg_pairs(key: jax.Array, label_maps, count: int, num_classes: int,
+                   params: SynthSegParams) -> tuple[jax.Array, jax.Array]:
+  """`count` pairs (`synthseg_pair`), the i-th from `fold_in(key, i)`: images
+  `(count, *spatial, 1)`, labels `(count, *spatial)` int32."""
+  label_maps = jnp.asarray(label_maps, jnp.int32)
+  if label_maps.ndim not in (3, 4) or label_maps.shape[0] < 1:
+    raise ValueError(f"synthseg: label maps must be (n >= 1, *spatial) in 2-D or 3-D, got "
+                     f"shape {label_maps.shape}")
+  pairs = [synthseg_pair(jax.random.fold_in(key, i), label_maps, num_classes, params)
+           for i in range(count)]
+  return jnp.stack([p[0] for p in pairs]), jnp.stack([p[1] for p in pairs])
