@@ -4,7 +4,8 @@ For every few-shot size n in `evaluate.num_train`, every downstream task and net
 seed, one network is trained per arm and scored on held-out real cases only:
 
   * "baseline": the n real training cases;
-  * "synthseg": the n real cases + M SynthSeg-style pairs painted on their label maps
+  * "synthseg": the n real cases + M SynthSeg-style pairs painted on their label maps, the
+                body (from their images) as a generation-only label
                 (`acis_jax.synthesizers.synthseg`, `evaluate.synthseg`; no training);
   * "acis-":    the n real cases + M synthetic pairs from the synthesizer BEFORE refinement;
   * "acis":     the n real cases + M synthetic pairs from the refined synthesizer;
@@ -381,7 +382,7 @@ def training_sets(config, workdir: str, split: Split) -> dict[tuple[str, int], C
         images, labels = synthseg_pairs(
             stream_key(config.seed, f"evaluate/synthseg/n{int(n)}"), real.labels,
             config.synthesize.num_samples, config.data.num_classes,
-            SynthSegParams.from_config(ev.synthseg))
+            SynthSegParams.from_config(ev.synthseg), images=real.images)
         sets[arm, int(n)] = _join(real, np.asarray(images), np.asarray(labels))
       elif arm in SYNTHETIC_FOLDERS:
         folder = root.synthetic(arm)

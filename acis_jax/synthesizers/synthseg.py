@@ -6,9 +6,12 @@ labels: one-hot, linear warp, argmax); an image that paints every label with int
 from its own Gaussian, mean and standard deviation drawn per label and per pair; a Gaussian
 blur of random width; a smooth multiplicative bias field; additive noise; a random gamma.
 What it keeps of SynthSeg: labels -> random-appearance images through a Gaussian mixture,
-deformation, blur, bias and noise. What it leaves out: the random affine and resolution
-(slice thickness) models, and the extra generation-only labels SynthSeg paints tissue with:
-here the unlabelled body is one class, so it is painted as one.
+deformation, blur, bias and noise, and one generation-only label as SynthSeg paints unlabelled
+tissue with extra labels: given the real images, the background brighter than
+`body_threshold` (the body, not the air around it) gets a Gaussian of its own, and is
+background again in the output labels. What it leaves out: the random affine and resolution
+(slice thickness) models, and SynthSeg's finer generation labels (the unlabelled body is one
+class, so it is painted as one).
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ class SynthSegParams:
     bias_std, bias_scale: the log bias field's standard deviation and smoothing scale.
     noise_max: the noise's standard deviation is uniform in [0, noise_max].
     gamma_std: the image is raised to exp(g), g normal with this standard deviation.
+    body_threshold: background voxels of the real image above this ([0, 1] units; 0.3125 is
+      -500 HU in the [-1000, 600] window) form the generation-only body label.
   """
   mean_range: tuple[float, float] = (0.0, 1.0)
   std_range: tuple[float, float] = (0.0, 0.14)
@@ -48,6 +53,7 @@ class SynthSegParams:
   bias_scale: float = 12.0
   noise_max: float = 0.03
   gamma_std: float = 0.2
+  body_threshold: float = 0.3125
 
   @classmethod
   def from_config(cls, section) -> "SynthSegParams":
@@ -89,10 +95,22 @@ def gaussian_blur(image: jax.Array, sigma: jax.Array, radius: int) -> jax.Array:
   return image
 
 
+def generation_labels(label_maps: jax.Array, images: jax.Array | None, num_classes: int,
+                      params: SynthSegParams) -> jax.Array:
+  """The label maps with the body (background above `body_threshold` in `images`
+  `(n, *spatial, 1)`) as label `num_classes`; the label maps themselves without images."""
+  if images is None:
+    return label_maps
+  body = (label_maps == 0) & (images[..., 0] > params.body_threshold)
+  return jnp.where(body, num_classes, label_maps)
+
+
 @functools.partial(jax.jit, static_argnames=("num_classes", "params"))
 def synthseg_pair(key: jax.Array, label_maps: jax.Array, num_classes: int,
                   params: SynthSegParams) -> tuple[jax.Array, jax.Array]:
-  """One pair from `label_maps` `(n, *spatial)`: image `(*spatial, 1)` in [0, 1], labels."""
+  """One pair from generation label maps `(n, *spatial)` with labels in `[0, num_classes]`
+  (`generation_labels`; `num_classes` the body): image `(*spatial, 1)` in [0, 1], labels in
+  `[0, num_classes)`."""
   k_pick, k_velocity, k_paint, k_blur, k_bias, k_noise_std, k_noise, k_gamma = (
       jax.random.split(key, 8))
   spatial = label_maps.shape[1:]
@@ -100,8 +118,8 @@ def synthseg_pair(key: jax.Array, label_maps: jax.Array, num_classes: int,
   velocity = random_velocity(k_velocity, spatial, params.deformation_rms,
                              params.deformation_scale)
   disp = integrate_velocity(velocity, params.integration_steps)
-  labels = warp_labels(labels, disp, num_classes)
-  image, _, _ = label_intensities(k_paint, labels, num_classes, params)
+  labels = warp_labels(labels, disp, num_classes + 1)
+  image, _, _ = label_intensities(k_paint, labels, num_classes + 1, params)
   radius = max(1, math.ceil(3 * params.blur_max))
   image = gaussian_blur(image, params.blur_max * jax.random.uniform(k_blur), radius)
   log_bias = smooth_periodic(jax.random.normal(k_bias, (*spatial, 1)), params.bias_scale)[..., 0]
@@ -113,17 +131,23 @@ def synthseg_pair(key: jax.Array, label_maps: jax.Array, num_classes: int,
   low, high = jnp.min(image), jnp.max(image)
   image = (image - low) / jnp.maximum(high - low, 1e-6)
   image = image ** jnp.exp(params.gamma_std * jax.random.normal(k_gamma))
-  return image[..., None].astype(jnp.float32), labels
+  return image[..., None].astype(jnp.float32), jnp.where(labels == num_classes, 0, labels)
 
 
 def synthseg_pairs(key: jax.Array, label_maps, count: int, num_classes: int,
-                   params: SynthSegParams) -> tuple[jax.Array, jax.Array]:
-  """`count` pairs (`synthseg_pair`), the i-th from `fold_in(key, i)`: images
-  `(count, *spatial, 1)`, labels `(count, *spatial)` int32."""
+                   params: SynthSegParams, images=None) -> tuple[jax.Array, jax.Array]:
+  """`count` pairs (`synthseg_pair`) from real label maps `(n, *spatial)` and, optionally,
+  their images `(n, *spatial, 1)` for the body label (`generation_labels`); the i-th pair
+  from `fold_in(key, i)`: images `(count, *spatial, 1)`, labels `(count, *spatial)` int32."""
   label_maps = jnp.asarray(label_maps, jnp.int32)
   if label_maps.ndim not in (3, 4) or label_maps.shape[0] < 1:
     raise ValueError(f"synthseg: label maps must be (n >= 1, *spatial) in 2-D or 3-D, got "
                      f"shape {label_maps.shape}")
+  if images is not None and tuple(images.shape) != (*label_maps.shape, 1):
+    raise ValueError(f"synthseg: images of shape {tuple(images.shape)} do not match the label "
+                     f"maps {tuple(label_maps.shape)}")
+  label_maps = generation_labels(label_maps, None if images is None else jnp.asarray(images),
+                                 num_classes, params)
   pairs = [synthseg_pair(jax.random.fold_in(key, i), label_maps, num_classes, params)
            for i in range(count)]
   return jnp.stack([p[0] for p in pairs]), jnp.stack([p[1] for p in pairs])

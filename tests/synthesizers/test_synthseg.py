@@ -3,14 +3,16 @@ against scipy's, valid pairs in 2-D and 3-D, and its arm in the evaluation proto
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.ndimage as ndi
 import scipy.stats
 
 from acis_jax.data.phantom import chest_phantom
-from acis_jax.synthesizers.synthseg import (SynthSegParams, gaussian_blur, label_intensities,
-                                            synthseg_pair, synthseg_pairs)
+from acis_jax.data.preprocess import window_hu
+from acis_jax.synthesizers.synthseg import (SynthSegParams, gaussian_blur, generation_labels,
+                                            label_intensities, synthseg_pair, synthseg_pairs)
 
 
 def phantom_labels(shape, num_classes=5):
@@ -74,3 +76,26 @@ def test_bad_ranges_are_refused():
   section["std_range"] = (0.2, 0.1)
   with pytest.raises(ValueError, match="std_range"):
     SynthSegParams.from_config(section)
+
+
+def test_the_body_is_a_generation_label_and_background_again_in_the_output():
+  hu, labels = chest_phantom((40, 36), seed=0)
+  labels = np.minimum(labels, 4).astype(np.int32)[None]
+  images = window_hu(hu)[None, ..., None]
+  params = SynthSegParams()
+  marked = np.asarray(generation_labels(labels, images, 5, params))
+  want = np.where((labels == 0) & (images[..., 0] > params.body_threshold), 5, labels)
+  np.testing.assert_array_equal(marked, want)
+  assert 0 < (marked == 5).sum() < (labels == 0).sum()  # the body, not the air around it
+  out_images, out = synthseg_pairs(jax.random.key(1), labels, 4, 5, params, images=images)
+  out = np.asarray(out)
+  assert out.max() <= 4 and set(np.unique(out)) <= set(np.unique(labels))
+  # Body and air drawn with different means: the background is not one flat intensity.
+  no_deformation = dataclasses.replace(params, deformation_rms=1e-6, bias_std=0.0,
+                                       noise_max=0.0, blur_max=0.0, gamma_std=0.0)
+  image, out = synthseg_pair(jax.random.key(2), jnp.asarray(marked), 5, no_deformation)
+  image, out = np.asarray(image)[..., 0], np.asarray(out)
+  np.testing.assert_array_equal(out, labels[0])
+  body, air = image[marked[0] == 5], image[marked[0] == 0]
+  assert abs(body.mean() - air.mean()) > 3 * (body.std() + air.std()) / np.sqrt(min(body.size,
+                                                                                    air.size))
