@@ -115,16 +115,27 @@ def resize_volume(volume: Volume, shape: Sequence[int], *, order: int) -> Volume
   return resample_to(volume, shape, affine, order=order, mode="nearest")
 
 
-def resize_image(volume: Volume, shape: Sequence[int]) -> Volume:
-  """Linear resize to float32; axes that shrink by a factor f are first Gaussian-smoothed with
-  sigma = (f - 1) / 2 voxels to avoid aliasing (scikit-image's rule)."""
-  shape = _target_shape(volume, shape)
-  factors = np.divide(volume.array.shape, shape)
-  sigma = np.maximum(0.0, (factors - 1.0) / 2.0)
+def _antialiased(volume: Volume, factors: Sequence[float]) -> Volume:
+  """`volume` as float32, each axis whose voxels grow by a factor f > 1 Gaussian-smoothed with
+  sigma = (f - 1) / 2 voxels first (scikit-image's rule against aliasing)."""
+  sigma = np.maximum(0.0, (np.asarray(factors, dtype=np.float64) - 1.0) / 2.0)
   array = volume.array.astype(np.float32)
   if np.any(sigma > 0):
     array = ndi.gaussian_filter(array, sigma, mode="nearest")
-  return resize_volume(Volume(array, volume.affine, volume.path), shape, order=1)
+  return Volume(array, volume.affine, volume.path)
+
+
+def _check_label_dtype(volume: Volume) -> None:
+  if volume.array.dtype.kind not in "biu":
+    raise ValueError(
+        f"{volume.path or 'labels'}: label map has dtype {volume.array.dtype}, expected integers")
+
+
+def resize_image(volume: Volume, shape: Sequence[int]) -> Volume:
+  """Linear resize to float32, anti-aliased (`_antialiased`)."""
+  shape = _target_shape(volume, shape)
+  return resize_volume(_antialiased(volume, np.divide(volume.array.shape, shape)), shape,
+                       order=1)
 
 
 def spaced_affine(volume: Volume, shape: Sequence[int], spacing: Sequence[float]
@@ -158,18 +169,15 @@ def respace_image(volume: Volume, shape: Sequence[int], spacing: Sequence[float]
   factor f are first Gaussian-smoothed with sigma = (f - 1) / 2 voxels (as `resize_image`).
   Voxels beyond the scan read `outside`."""
   shape = _target_shape(volume, shape)
-  sigma = np.maximum(0.0, (np.divide(spacing, volume.spacing[:len(shape)]) - 1.0) / 2.0)
-  array = volume.array.astype(np.float32)
-  if np.any(sigma > 0):
-    array = ndi.gaussian_filter(array, sigma, mode="nearest")
-  return resample_to(Volume(array, volume.affine, volume.path), shape,
-                     spaced_affine(volume, shape, spacing), order=1, mode="constant",
+  return resample_to(_antialiased(volume, np.divide(spacing, volume.spacing[:len(shape)])),
+                     shape, spaced_affine(volume, shape, spacing), order=1, mode="constant",
                      cval=outside)
 
 
 def respace_labels(volume: Volume, shape: Sequence[int], spacing: Sequence[float]) -> Volume:
   """Nearest-neighbour resampling to the grid of `spaced_affine`; background (0) beyond the
   scan."""
+  _check_label_dtype(volume)
   shape = _target_shape(volume, shape)
   return resample_to(volume, shape, spaced_affine(volume, shape, spacing), order=0,
                      mode="constant", cval=0)
@@ -177,9 +185,7 @@ def respace_labels(volume: Volume, shape: Sequence[int], spacing: Sequence[float
 
 def resize_labels(volume: Volume, shape: Sequence[int]) -> Volume:
   """Nearest-neighbour resize: integer dtype and label values stay (small labels may vanish)."""
-  if volume.array.dtype.kind not in "biu":
-    raise ValueError(
-        f"{volume.path or 'labels'}: label map has dtype {volume.array.dtype}, expected integers")
+  _check_label_dtype(volume)
   return resize_volume(volume, shape, order=0)
 
 
@@ -220,12 +226,17 @@ def preprocess_case(
   windowed = Volume(window_hu(image.array), image.affine, image.path)
   if shape is None:
     return windowed, label
+  return (fit_image(windowed, shape, spacing),
+          None if label is None else fit_labels(label, shape, spacing))
+
+
+def fit_image(windowed: Volume, shape: Sequence[int], spacing: Sequence[float] = ()) -> Volume:
+  """A windowed image on the training grid: `respace_image` given a `spacing` (mm), air
+  beyond the scan, else `resize_image` (see `preprocess_case`)."""
   if spacing:
-    image_out = respace_image(windowed, shape, check_spacing(spacing, shape),
-                              outside=float(window_hu(HU_WINDOW[0])))
-  else:
-    image_out = resize_image(windowed, shape)
-  return image_out, None if label is None else fit_labels(label, shape, spacing)
+    return respace_image(windowed, shape, check_spacing(spacing, shape),
+                         outside=float(window_hu(HU_WINDOW[0])))
+  return resize_image(windowed, shape)
 
 
 def fit_labels(label: Volume, shape: Sequence[int], spacing: Sequence[float] = ()) -> Volume:

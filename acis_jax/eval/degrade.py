@@ -26,7 +26,7 @@ all three, so the trainer can draw fresh degradations every step without knowing
     units (images in [0, 1]: sigma in {0.1, 0.2, 0.5}), not clipped, so the noise stays exactly
     Gaussian as the paper states.
 """
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -72,16 +72,25 @@ def gaussian_blur(image: jax.Array, sigma: float, *, truncate: float = TRUNCATE)
     (`scipy.ndimage.gaussian_filter(mode="reflect")`).
   """
   rank = _spatial_rank(image, "gaussian_blur")
-  taps = gaussian_taps(sigma, truncate)
+  # numpy's "symmetric" repeats the reflection when the radius exceeds the size, like scipy.
+  return separable_filter(image, [float(w) for w in gaussian_taps(sigma, truncate)],
+                          range(rank), pad_mode="symmetric")
+
+
+def separable_filter(image: jax.Array, taps: Sequence, axes: Iterable[int], *,
+                     pad_mode: str) -> jax.Array:
+  """`image` filtered along each of `axes` by the same odd-length 1-D kernel `taps` (floats or
+  traced scalars), borders padded by `jnp.pad`'s `pad_mode`; same shape and dtype.
+
+  A sum of shifted slices: cheaper on CPU than XLA's convolution with long kernels.
+  """
   radius = len(taps) // 2
-  for axis in range(rank):
+  for axis in axes:
     size = image.shape[axis]
     pad = [(0, 0)] * image.ndim
     pad[axis] = (radius, radius)
-    # numpy's "symmetric" repeats the reflection when the radius exceeds the size, like scipy.
-    padded = jnp.pad(image, pad, mode="symmetric")
-    # A sum of shifted slices: cheaper on CPU than XLA's convolution with long kernels.
-    image = sum(float(w) * jax.lax.slice_in_dim(padded, k, k + size, axis=axis)
+    padded = jnp.pad(image, pad, mode=pad_mode)
+    image = sum(w * jax.lax.slice_in_dim(padded, k, k + size, axis=axis)
                 for k, w in enumerate(taps)).astype(image.dtype)
   return image
 

@@ -237,17 +237,16 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, *, lhs_dilation=None
   group) are rewritten; everything else, strided 1-D and 2-D ones included, goes to lax.
   """
   ndim = lhs.ndim - 2
-  if (cpu_rewrites() and ndim in CHANNEL_LAST_SPECS and feature_group_count > 1
+  channel_last = (cpu_rewrites() and ndim in CHANNEL_LAST_SPECS
+                  and dimension_numbers == jax.lax.conv_dimension_numbers(
+                      lhs.shape, rhs.shape, CHANNEL_LAST_SPECS[ndim]))
+  no_extras = not any(v is not None for v in kwargs.values())
+  if (channel_last and no_extras and feature_group_count > 1
       and feature_group_count == lhs.shape[-1] == rhs.shape[-1] and rhs.shape[-2] == 1
-      and not any(d != 1 for d in (rhs_dilation or ()))
-      and not any(v is not None for v in kwargs.values())
-      and dimension_numbers == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape,
-                                                              CHANNEL_LAST_SPECS[ndim])):
+      and not any(d != 1 for d in (rhs_dilation or ()))):
     return _depthwise_shifted_sum(lhs, rhs, tuple(window_strides), padding, lhs_dilation)
   dilated = any(d != 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
-  if (cpu_rewrites() and not dilated and feature_group_count == 1 and ndim in CHANNEL_LAST_SPECS
-      and dimension_numbers == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape,
-                                                              CHANNEL_LAST_SPECS[ndim])):
+  if channel_last and not dilated and feature_group_count == 1:
     strided = any(s != 1 for s in window_strides)
     if strided and ndim == 3:
       return _space_to_depth_conv(lhs, rhs, window_strides, padding, precision=precision,
@@ -256,8 +255,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, *, lhs_dilation=None
       return _depth_folded_conv(lhs, rhs, window_strides, padding, precision=precision,
                                 **kwargs)
     if (ndim == 2 and not strided and rhs.shape[-1] >= MATMUL_KERNEL_GRAD_FEATURES
-        and math.prod(lhs.shape[:3]) >= MATMUL_KERNEL_GRAD_VOXELS
-        and not any(v is not None for v in kwargs.values())):
+        and math.prod(lhs.shape[:3]) >= MATMUL_KERNEL_GRAD_VOXELS and no_extras):
       if isinstance(padding, str):
         padding = jax.lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], (1, 1), padding)
       return _conv2d_matmul_kernel_grad(lhs, rhs, tuple(tuple(int(p) for p in pair)

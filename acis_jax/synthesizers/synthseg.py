@@ -23,6 +23,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from acis_jax.eval.degrade import separable_filter
 from acis_jax.spatial import integrate_velocity, random_velocity, smooth_periodic, warp_labels
 
 
@@ -86,13 +87,7 @@ def gaussian_blur(image: jax.Array, sigma: jax.Array, radius: int) -> jax.Array:
   offsets = jnp.arange(-radius, radius + 1, dtype=jnp.float32)
   weights = jnp.exp(-0.5 * (offsets / jnp.maximum(sigma, 1e-3)) ** 2)
   weights = weights / jnp.sum(weights)
-  for axis in range(image.ndim):
-    size = image.shape[axis]
-    padded = jnp.pad(image, [(radius, radius) if a == axis else (0, 0)
-                             for a in range(image.ndim)], mode="edge")
-    image = sum(weights[t] * jax.lax.slice_in_dim(padded, t, t + size, axis=axis)
-                for t in range(2 * radius + 1))
-  return image
+  return separable_filter(image, list(weights), range(image.ndim), pad_mode="edge")
 
 
 def generation_labels(label_maps: jax.Array, images: jax.Array | None, num_classes: int,
