@@ -95,6 +95,37 @@ def _dice_per_label(pred: jax.Array, target: jax.Array, labels: tuple[int, ...],
   return jnp.stack(scores, axis=-1)
 
 
+def _array_module(x):
+  """jax.numpy for JAX arrays (traced ones too), else NumPy: one body for a host-side set of
+  cases in float64 and for a batch inside a jitted step."""
+  return jnp if isinstance(x, jax.Array) else np
+
+
+def image_distances(a, b):
+  """`(len(a), len(b))` root mean squared differences between the cases of `a` and `b`."""
+  xp = _array_module(a)
+  a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)
+  if xp is np:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+  squared = (a ** 2).mean(1)[:, None] + (b ** 2).mean(1)[None] - 2 * a @ b.T / a.shape[1]
+  return xp.sqrt(xp.maximum(squared, 0.0))
+
+
+def label_distances(a, b, num_classes: int):
+  """`(len(a), len(b))` 1 - Dice between integer label maps, averaged over the foreground
+  classes present in either map."""
+  xp = _array_module(a)
+  dtype = np.float64 if xp is np else jnp.float32
+  one_hot = lambda x: xp.stack([(x == c).reshape(len(x), -1) for c in range(1, num_classes)],
+                               1).astype(dtype)  # (n, C-1, V)
+  oa, ob = one_hot(a), one_hot(b)
+  overlap = xp.einsum("icv,jcv->ijc", oa, ob)
+  sizes = oa.sum(2)[:, None, :] + ob.sum(2)[None, :, :]
+  present = sizes > 0
+  dice = xp.where(present, 2 * overlap / xp.where(present, sizes, 1), 0.0)
+  return 1.0 - dice.sum(2) / xp.maximum(present.sum(2), 1)
+
+
 def dice(pred: jax.Array, target: jax.Array, labels: Sequence[int] | None = None, *,
          spatial_dims: int | None = None) -> dict[str, jax.Array]:
   """Dice overlap per label and its mean over the labels, per case.

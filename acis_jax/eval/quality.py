@@ -46,6 +46,7 @@ from flax import nnx
 from scipy import ndimage
 
 from acis_jax.data.preprocess import unwindow_hu
+from acis_jax.data.sources import Example
 from acis_jax.data.synthetic import load_synthetic, run_labels, synthetic_complete
 from acis_jax.eval import downstream, metrics
 from acis_jax.eval.nets import net_factory
@@ -87,25 +88,6 @@ def label_islands(labels: np.ndarray, num_classes: int) -> np.ndarray:
   """`(n, C - 1)`: connected components of each class beyond its largest (0 when absent)."""
   return np.array([[max(ndimage.label(x == c)[1] - 1, 0) for c in range(1, num_classes)]
                    for x in labels])
-
-
-def image_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-  """`(len(a), len(b))` root mean squared differences."""
-  a, b = a.reshape(len(a), -1).astype(np.float64), b.reshape(len(b), -1).astype(np.float64)
-  squared = (a ** 2).mean(1)[:, None] + (b ** 2).mean(1)[None] - 2 * a @ b.T / a.shape[1]
-  return np.sqrt(np.maximum(squared, 0.0))
-
-
-def label_distances(a: np.ndarray, b: np.ndarray, num_classes: int) -> np.ndarray:
-  """`(len(a), len(b))` 1 - Dice averaged over the classes present in either map."""
-  one_hot = lambda x: np.stack([(x == c).reshape(len(x), -1) for c in range(1, num_classes)],
-                               1).astype(np.float64)  # (n, C-1, V)
-  oa, ob = one_hot(a), one_hot(b)
-  overlap = np.einsum("icv,jcv->ijc", oa, ob)
-  sizes = oa.sum(2)[:, None, :] + ob.sum(2)[None, :, :]
-  present = sizes > 0
-  dice = np.where(present, 2 * overlap / np.where(present, sizes, 1), 0.0)
-  return 1.0 - dice.sum(2) / np.maximum(present.sum(2), 1)
 
 
 def nearest(distances: np.ndarray, exclude_self: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -246,9 +228,9 @@ def refinement_effect(passes, real_images, real_labels, refined, unrefined,
   out: dict[str, Any] = {}
   for arm, (images, labels) in (("acis", refined), ("acis-", unrefined)):
     if num_classes:
-      _, near = nearest(label_distances(labels, real_labels, num_classes))
+      _, near = nearest(metrics.label_distances(labels, real_labels, num_classes))
     else:
-      _, near = nearest(image_distances(images, real_images))
+      _, near = nearest(metrics.image_distances(images, real_images))
     uncertainty, dice = [], []
     for k, j in enumerate(near):
       x, x_hat = real_images[j][None, ..., None], images[k][None, ..., None]
@@ -293,7 +275,8 @@ def report(config, workdir: Workdir, real_images, real_labels, images, labels,
   """The measures of the module docstring for synthetic `images`, `labels` against the real
   ones, as one JSON-able dict (`registration`: the trained net, or None to skip it)."""
   num_classes = config.data.num_classes
-  real_d, syn_d = image_distances(real_images, real_images), image_distances(images, real_images)
+  real_d = metrics.image_distances(real_images, real_images)
+  syn_d = metrics.image_distances(images, real_images)
   several = len(real_images) > 1  # real-real distances need two real cases
   real_nn, real_nearest = nearest(real_d, exclude_self=True) if several else (np.zeros(0), None)
   syn_nn, syn_nearest = nearest(syn_d)
@@ -303,7 +286,7 @@ def report(config, workdir: Workdir, real_images, real_labels, images, labels,
       "texture": {"real": float(high_frequency_energy(real_images).mean()),
                   "synthetic": float(high_frequency_energy(images).mean())},
       "diversity": {"image_real": mean_pairwise(real_d),
-                    "image_synthetic": mean_pairwise(image_distances(images, images))},
+                    "image_synthetic": mean_pairwise(metrics.image_distances(images, images))},
       "memorisation": {"nearest_real_median": float(np.median(syn_nn)),
                        "real_nearest_median": float(np.median(real_nn)) if several
                        else float("nan"),
@@ -319,8 +302,9 @@ def report(config, workdir: Workdir, real_images, real_labels, images, labels,
     out["islands"] = {"real": label_islands(real_labels, num_classes).mean(0).tolist(),
                       "synthetic": label_islands(labels, num_classes).mean(0).tolist()}
     out["diversity"].update(
-        labels_real=mean_pairwise(label_distances(real_labels, real_labels, num_classes)),
-        labels_synthetic=mean_pairwise(label_distances(labels, labels, num_classes)))
+        labels_real=mean_pairwise(metrics.label_distances(real_labels, real_labels,
+                                                          num_classes)),
+        labels_synthetic=mean_pairwise(metrics.label_distances(labels, labels, num_classes)))
   if registration is not None and several:
     out["registration"] = {
         "real": registration_plausibility(registration, real_images, real_images[real_nearest]),
@@ -387,12 +371,14 @@ def figure(path: str, result: dict, title: str) -> None:
   save_figure(fig, path)
 
 
-def write_reports(config, workdir: Workdir, paired_arms: bool = False) -> None:
+def write_reports(config, workdir: Workdir, paired_arms: bool = False,
+                  examples: list[Example] | None = None) -> None:
   """quality.json, .md and .png in every complete synthetic folder of `workdir` (the caller
   holds its lock); the real cases are the run's training data, checked by fingerprint.
   `paired_arms`: the ACIS and ACIS- folders were just written together, pair k of both from
-  the same keys, so ACIS's report also says what the refinement changed."""
-  data = load_training_data(config)
+  the same keys, so ACIS's report also says what the refinement changed. `examples`: the
+  real cases of the run when they are not those `config.data` names (`synthesize.run`)."""
+  data = load_training_data(config, examples)
   workdir.require_trained(run_fingerprint(config, data))
   real_images = data.images[..., 0]
   real_labels = data.labels

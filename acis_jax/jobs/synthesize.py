@@ -31,7 +31,7 @@ from acis_jax.data.sources import Example
 from acis_jax.data.nnunet import image_file, label_file, write_dataset_json
 from acis_jax.data.synthetic import run_labels, synthetic_name
 from acis_jax.data.preprocess import unwindow_hu
-from acis_jax.eval import quality
+from acis_jax.eval import metrics, quality
 from acis_jax.rng import stream_key
 from acis_jax.spatial import register_labels, warp
 from acis_jax.train.networks import load_network
@@ -91,9 +91,9 @@ def make_sampler(config, cases=None):
 
 def registered_cases(config, data: TrainingData, label_maps: np.ndarray) -> np.ndarray:
   """Images `(m, *spatial, 1)`: for each label map, the real case nearest to it (highest mean
-  Dice, `quality.label_distances`) moved onto it by `register_labels`."""
+  Dice, `metrics.label_distances`) moved onto it by `register_labels`."""
   num_classes = config.data.num_classes
-  _, nearest = quality.nearest(quality.label_distances(label_maps, data.labels, num_classes))
+  _, nearest = quality.nearest(metrics.label_distances(label_maps, data.labels, num_classes))
   fit = jax.jit(lambda moving, fixed: register_labels(
       moving, fixed, num_classes, steps=config.synthesize.label_fit_steps))
   moved = []
@@ -147,7 +147,7 @@ def run(config, workdir: str, examples: list[Example] | None = None) -> None:
   """Writes the synthetic folders. `examples`: the real cases the run was trained on, when
   they are not those `config.data` names (the evaluation's few-shot synthesizers); read
   only with `synthesize.source` "real" or "labels", and checked against the run's
-  fingerprint."""
+  fingerprint; the quality report compares the pairs with them."""
   workdir = Workdir(workdir)
   lead = jax.process_index() == 0
   with workdir.lock() if lead else contextlib.nullcontext():
@@ -160,4 +160,5 @@ def run(config, workdir: str, examples: list[Example] | None = None) -> None:
       logging.info("[synthesize] no quality report in a multi-process run: run mode=quality "
                    "on one process")
     elif config.synthesize.quality:
-      quality.write_reports(config, workdir, paired_arms=config.synthesize.unrefined)
+      quality.write_reports(config, workdir, paired_arms=config.synthesize.unrefined,
+                            examples=examples)

@@ -9,7 +9,7 @@ from skimage import measure
 from acis_jax.config_utils import load_config_file
 from acis_jax.data.phantom import chest_phantom
 from acis_jax.data.preprocess import window_hu
-from acis_jax.eval import quality
+from acis_jax.eval import metrics, quality
 from acis_jax.workdir import Workdir
 
 
@@ -46,14 +46,14 @@ def test_distances():
   rng = np.random.default_rng(1)
   a, b = rng.uniform(size=(3, 8, 8)), rng.uniform(size=(2, 8, 8))
   expected = np.sqrt(((a[:, None] - b[None]) ** 2).mean(axis=(2, 3)))
-  np.testing.assert_allclose(quality.image_distances(a, b), expected, rtol=1e-9)
+  np.testing.assert_allclose(metrics.image_distances(a, b), expected, rtol=1e-9)
   left = np.zeros((1, 4, 4), np.int32)
   left[0, :2] = 1                       # 8 voxels of class 1
   right = np.zeros((1, 4, 4), np.int32)
   right[0, 1:3] = 1                     # 8 voxels, 4 shared: Dice 0.5
   right[0, 3] = 2                       # class 2 only here: Dice 0
-  np.testing.assert_allclose(quality.label_distances(left, right, 3), [[1 - (0.5 + 0) / 2]])
-  np.testing.assert_allclose(quality.label_distances(left, left, 3), [[0.0]])
+  np.testing.assert_allclose(metrics.label_distances(left, right, 3), [[1 - (0.5 + 0) / 2]])
+  np.testing.assert_allclose(metrics.label_distances(left, left, 3), [[0.0]])
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
 """`synthesize.source="real"`: variants of the real cases, moved by random diffeomorphisms,
 in 2-D and 3-D, through the chain and through `synthesize`."""
+import json
 import os
 
 import jax
@@ -11,7 +12,7 @@ import pytest
 from acis_jax.config_utils import load_config_file
 from acis_jax.data.phantom import chest_phantom
 from acis_jax.data.preprocess import window_hu
-from acis_jax.eval import quality
+from acis_jax.eval import metrics, quality
 from acis_jax.jobs import synthesize
 from acis_jax.pseudomask import PseudoMaskParams
 from acis_jax.train import trainer
@@ -162,5 +163,25 @@ def test_the_nearest_real_case_is_the_one_that_overlaps_most():
   real = np.zeros((3, 8, 8), np.int32)
   real[0, :4], real[1, 4:], real[2, :, :4] = 1, 1, 1
   given = np.stack([real[2], real[0], np.roll(real[1], 1, axis=0)])
-  _, nearest = quality.nearest(quality.label_distances(given, real, 2))
+  _, nearest = quality.nearest(metrics.label_distances(given, real, 2))
   np.testing.assert_array_equal(nearest, [2, 0, 1])
+
+
+def test_a_run_on_given_examples_is_reported_against_them(tmp_path):
+  """The evaluation's synthesizers train on a few-shot subset (`examples`) that
+  `config.data` does not name; the quality report at the end of `synthesize` compares the
+  pairs with that subset (it used to reload `config.data` and refuse the work directory)."""
+  from acis_jax.data.sources import load_examples
+  config = zero_step_smoke()
+  config.synthesize.quality = True
+  other = zero_step_smoke()
+  other.data.phantom_seed = 1  # not the data config.data names
+  examples = load_examples(other.data)
+  trainer.train(config, str(tmp_path), examples=examples)
+  synthesize.run(config, str(tmp_path), examples=examples)
+  with open(tmp_path / "synthetic" / "quality.json") as f:
+    result = json.load(f)
+  assert result["cases"] == {"real": len(examples), "synthetic": config.synthesize.num_samples}
+  real = np.stack([e.image.array for e in examples])
+  np.testing.assert_allclose(result["texture"]["real"],
+                             quality.high_frequency_energy(real).mean(), rtol=1e-5)
