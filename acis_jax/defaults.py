@@ -12,6 +12,7 @@ from acis_jax.data.augment import AugmentParams
 from acis_jax.data.nnunet import dataset_folder_name
 from acis_jax.pseudomask import PseudoMaskParams
 from acis_jax.synthesizers.synthseg import SynthSegParams
+from acis_jax.train.refine import MODES as REFINE_MODES
 from acis_jax.workdir import SYNTHETIC_FOLDERS
 
 # What `synthesize` starts each pair from (acis_jax.jobs.synthesize).
@@ -82,14 +83,22 @@ def base_config() -> ml_collections.ConfigDict:
   config.train.image_every = 500   # TensorBoard sample images every this many steps; 0 = none
   config.train.keep_checkpoints = 2
 
+  # acis_jax.train.refine; defaults measured head to head in the README ("What the
+  # refinement changes"): backprop lowered eq. 3 where the policy gradient did not.
   config.refine = ml_collections.ConfigDict()
-  config.refine.mode = "policy_gradient"   # or "backprop" (through the frozen registration net)
+  config.refine.mode = "backprop"          # or "policy_gradient" (the paper's; less memory)
   config.refine.steps = 500
   config.refine.passes = 8                 # T of eq. 3
-  config.refine.sigma = 0.05               # std of the Gaussian image policy
-  config.refine.label_weight = 1.0         # lambda of the label term
-  config.refine.baseline_decay = 0.9
-  config.refine.learning_rate = 1e-5
+  config.refine.uncertainty_weight = 1.0   # w_u, on eq. 3 divided by its running std
+  config.refine.label_weight = 1.0         # w_l, on 1 - label consistency, the same way
+  config.refine.realism_weight = 3.0       # the images stage's objective alongside; 0 = off
+  config.refine.actions = 4                # policy_gradient: K actions per sample (1: the
+                                           # paper's moving-average baseline)
+  config.refine.noise_factor = 8           # ... noise on a grid this many times coarser
+                                           # (1: per voxel, the paper's)
+  config.refine.sigma = 0.05               # ... std of the Gaussian image policy
+  config.refine.baseline_decay = 0.9       # running baseline and term variances
+  config.refine.learning_rate = 1e-4
 
   config.synthesize = ml_collections.ConfigDict()
   config.synthesize.num_samples = 16
@@ -136,6 +145,7 @@ _AT_LEAST = {
     "train.masks_steps": 0, "train.annotation_finetune_steps": 0, "train.images_steps": 0,
     "train.images_finetune_steps": 0,
     "train.registration_steps": 0, "refine.steps": 0, "refine.passes": 2,
+    "refine.actions": 1, "refine.noise_factor": 1,
     "synthesize.num_samples": 1, "synthesize.batch_size": 1,
     "pseudomask.num_seeds": 1, "pseudomask.num_edge_points": 1, "export.num_folds": 0,
     "quality.segmenter_steps": 1, "synthesize.label_fit_steps": 1,
@@ -164,6 +174,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     dataset_folder_name(config.export.dataset_id, config.export.name)
   except ValueError as e:
     problems.append(str(e))
+  if config.refine.mode not in REFINE_MODES:
+    problems.append(f"refine.mode={config.refine.mode!r} (one of {list(REFINE_MODES)})")
   if config.synthesize.source not in SYNTHESIS_SOURCES:
     problems.append(f"synthesize.source={config.synthesize.source!r} (one of "
                     f"{list(SYNTHESIS_SOURCES)})")
@@ -254,7 +266,7 @@ def fewshot_2d_on_cpu(config: ml_collections.ConfigDict) -> ml_collections.Confi
   config.train.images_steps = 400
   config.train.images_finetune_steps = 100
   config.train.registration_steps = 200
-  config.refine.steps = 60
+  config.refine.steps = 100
   config.refine.passes = 4
   config.train.log_every = 50
   config.train.checkpoint_every = 200

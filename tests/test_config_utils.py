@@ -90,7 +90,8 @@ def test_the_branch_finder_sees_a_branch_on_a_field():
     ("data.max_cases", -1), ("data.num_classes", -1), ("data.num_classes", 1),
     ("refine.passes", 1), ("data.image_shape", (32, 0)), ("synthesize.source", "noise"),
     ("synthesize.deformation", -1.0), ("synthesize.deformation_scale", 0.0),
-    ("train.annotation_finetune_steps", -1)])
+    ("train.annotation_finetune_steps", -1), ("refine.mode", "reinforce"),
+    ("refine.actions", 0), ("refine.noise_factor", 0)])
 def test_impossible_values_are_refused_naming_the_field(field, value):
   config = load_config_file(str(EXPERIMENTS / "smoke.py"))
   section, name = field.split(".")

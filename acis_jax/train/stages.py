@@ -9,7 +9,8 @@ derived from it: the networks a stage reads frozen and which stage made each
                 annotation generator alone, also on generated pseudo-masks
   images        pix2pix image generator, then fine-tuning on generated conditions (sec 2.2)
   registration  the registration net on pairs of real images (sec 2.3)
-  refine        annotation and image generators refined by the registration reward (sec 2.3)
+  refine        annotation and image generators refined by the registration reward (sec 2.3),
+                the image discriminator trained alongside
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import dataclasses
 import functools
 from typing import Callable
 
-from acis_jax.train import steps
+from acis_jax.train import refine, steps
 
 # The generation chain, in order (`acis_jax.train.generation`).
 GENERATORS = ("mask_generator", "annotation_generator", "image_generator")
@@ -65,11 +66,11 @@ def stages(config) -> list[Stage]:
             reads=("mask_generator",) + annotation),
       Stage("registration", ("registration",),
             ((train.registration_steps, steps.make_registration_step),), pairs=True),
-      Stage(REFINE, ("image_generator",) + annotation,
-            ((config.refine.steps, steps.make_refine_step),),
+      Stage(REFINE, ("image_generator", "image_discriminator") + annotation,
+            ((config.refine.steps, refine.make_refine_step),),
             reads=("mask_generator", "registration"),
-            continues=("image_generator",) + annotation,
-            extras=("baseline",)),  # the reward's running mean (steps.make_refine_step)
+            continues=("image_generator", "image_discriminator") + annotation,
+            extras=refine.EXTRAS),
   ]
   derived = []
   for index, stage in enumerate(table):

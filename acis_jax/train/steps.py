@@ -28,7 +28,7 @@ import optax
 from acis_jax.data.augment import AugmentParams, augment
 from acis_jax.data.patches import random_crops
 from acis_jax.pseudomask import PseudoMaskParams, pseudo_mask
-from acis_jax.spatial import appearance_uncertainty, folding_fraction, label_consistency, warp
+from acis_jax.spatial import folding_fraction, warp
 from acis_jax.train import losses
 from acis_jax.train.generation import Chain
 from acis_jax.train.state import TrainState, apply_update
@@ -306,112 +306,5 @@ def make_registration_step(ctx: StepContext) -> Callable:
     state, norm = apply_gradients(ctx, state, "registration", grads)
     return state.next_step(), {"ncc_loss": similarity, "smoothness": smooth,
                            "folding": jnp.mean(folding_fraction(disp)), "grad_norm": norm}
-
-  return step
-
-
-def registration_reward(ctx: StepContext, frozen: dict, image, labels, fake_image, fake_labels,
-                        key):
-  """Per-example reward `-(eq. 3 uncertainty) - lambda (1 - Dice(y o phi, y_hat))`.
-
-  T stochastic passes of the frozen registration net in both directions: x onto
-  x_hat (phi_t) and x_hat onto x (varphi_t). Returns `(reward, uncertainty, dice)`.
-  """
-  refine = ctx.refine
-  registration = ctx.net("registration", frozen["registration"])
-  forward_key, backward_key = jax.random.split(key)
-
-  def passes(moving, fixed, pass_key):
-    keys = jax.random.split(pass_key, refine.passes)
-    return jax.vmap(lambda k: registration(moving, fixed, key=k))(keys)
-
-  if refine.mode == "backprop":
-    passes = jax.checkpoint(passes)  # rematerialise: the T passes dominate memory
-  forward = passes(image, fake_image, forward_key)
-  backward = passes(fake_image, image, backward_key)
-  _, uncertainty = appearance_uncertainty(image, fake_image, forward, backward)
-  reward = -uncertainty
-  dice = jnp.ones_like(uncertainty)
-  if ctx.num_classes:
-    dice = label_consistency(labels, fake_labels, forward, ctx.num_classes)
-    reward = reward - refine.label_weight * (1.0 - dice)
-  return reward, uncertainty, dice
-
-
-def make_refine_step(ctx: StepContext) -> Callable:
-  """Stage 4: refine the annotation and image generators with the registration reward.
-
-  "policy_gradient" (the paper): the image generator's output is the mean of a
-  Gaussian policy with std `refine.sigma`, the annotation generator's softmax a
-  categorical policy over labels; REINFORCE with a moving-average baseline.
-  "backprop": the same objective differentiated through the frozen
-  registration net, with soft labels.
-  """
-  refine = ctx.refine
-  trained = ctx.trained
-
-  def sample_policy(params, masks, drop_key, label_key, noise_key):
-    """Actions of the policy and their mean log-probability per example."""
-    axes = tuple(range(1, masks.ndim))
-    log_prob = jnp.zeros(masks.shape[0])
-    labels = None
-    if ctx.num_classes:
-      logits = ctx.chain.label_logits(params, masks)
-      labels = jax.lax.stop_gradient(jax.random.categorical(label_key, logits))
-      chosen = jnp.take_along_axis(jax.nn.log_softmax(logits), labels[..., None], axis=-1)
-      log_prob += jnp.mean(chosen, axis=axes)
-    mean = ctx.chain.image(params, ctx.chain.condition(masks, labels), drop_key)
-    noise = jax.random.normal(noise_key, mean.shape)
-    action = jax.lax.stop_gradient(mean + refine.sigma * noise)
-    log_prob += jnp.mean(-0.5 * ((action - mean) / refine.sigma) ** 2, axis=axes)
-    return action, labels, log_prob
-
-  def soft_outputs(params, masks, drop_key):
-    if not ctx.num_classes:
-      return ctx.chain.image(params, masks, drop_key), None
-    probs = jax.nn.softmax(ctx.chain.label_logits(params, masks))
-    return ctx.chain.image(params, jnp.concatenate([masks, probs], -1), drop_key), probs
-
-  def step(state, frozen, batch, key):
-    prep_key, gen_key, drop_key, label_key, noise_key, reward_key, patch_key = (
-        jax.random.split(key, 7))
-    image, labels, _ = prepare_real(ctx, batch, prep_key, with_masks=False)
-    masks = jax.lax.stop_gradient(ctx.chain.masks(frozen, gen_key, image.shape[0]))
-    # Real and generated grids cut at the same places.
-    image, labels, masks = patches(ctx, patch_key, image, labels, masks)
-    params = {name: state.params[name] for name in trained}
-    baseline = state.extras["baseline"]
-
-    if refine.mode == "policy_gradient":
-      action, action_labels, _ = sample_policy(params, masks, drop_key, label_key, noise_key)
-      outcome = registration_reward(ctx, frozen, image, labels, action, action_labels,
-                                    reward_key)
-      # The first step has no history: start the baseline at the batch mean.
-      baseline = jnp.where(state.step == 0, jnp.mean(outcome[0]), baseline)
-      advantage = jax.lax.stop_gradient(outcome[0] - baseline)
-
-      def loss(params):
-        _, _, log_prob = sample_policy(params, masks, drop_key, label_key, noise_key)
-        return -jnp.mean(advantage * log_prob), outcome
-    elif refine.mode == "backprop":
-      def loss(params):
-        fake_image, fake_labels = soft_outputs(params, masks, drop_key)
-        outcome = registration_reward(ctx, frozen, image, labels, fake_image, fake_labels,
-                                      reward_key)
-        return -jnp.mean(outcome[0]), outcome
-    else:
-      raise ValueError(f"refine.mode must be 'policy_gradient' or 'backprop', got {refine.mode!r}")
-
-    (value, (reward, uncertainty, dice)), grads = jax.value_and_grad(loss, has_aux=True)(params)
-    norms = {}
-    for name in trained:
-      state, norms[name] = apply_gradients(ctx, state, name, grads[name])
-    mean_reward = jnp.mean(reward)
-    state = state.replace(extras={**state.extras, "baseline": (
-        refine.baseline_decay * baseline + (1 - refine.baseline_decay) * mean_reward)})
-    metrics = {"loss": value, "reward": mean_reward, "baseline": baseline,
-               "uncertainty": jnp.mean(uncertainty), "label_dice": jnp.mean(dice),
-               "grad_norm": optax.tree.norm(list(norms.values()))}
-    return state.next_step(), metrics
 
   return step
