@@ -84,22 +84,27 @@ def registration_terms(ctx: StepContext, frozen: dict, image, labels, fake_image
   """`(u, c)` of each generated pair `(n,)`: eq. 3 uncertainty over T stochastic passes of the
   frozen registration net in both directions (x onto x_hat, phi_t; x_hat onto x, varphi_t), and
   the label consistency of y o phi_t with `fake_labels` (hard, or one-hot-like and
-  differentiable; ones when label-free)."""
-  registration = ctx.net("registration", frozen["registration"])
-  forward_key, backward_key = jax.random.split(key)
+  differentiable; ones when label-free).
 
-  def passes(moving, fixed, pass_key):
-    keys = jax.random.split(pass_key, ctx.refine.passes)
-    return jax.vmap(lambda k: registration(moving, fixed, key=k))(keys)
+  The passes run one after the other (each rematerialised in backprop mode) and their terms
+  are averaged, which equals eq. 3 over the stack of T fields with 1/T of its memory: at
+  192x192x160 the T passes side by side were most of the step's memory.
+  """
+  registration = ctx.net("registration", frozen["registration"])
+
+  def one_pass(pass_key):
+    forward_key, backward_key = jax.random.split(pass_key)
+    forward = registration(image, fake_image, key=forward_key)[None]
+    backward = registration(fake_image, image, key=backward_key)[None]
+    _, uncertainty = appearance_uncertainty(image, fake_image, forward, backward)
+    if not ctx.num_classes:
+      return uncertainty, jnp.ones_like(uncertainty)
+    return uncertainty, label_consistency(labels, fake_labels, forward, ctx.num_classes)
 
   if ctx.refine.mode == "backprop":
-    passes = jax.checkpoint(passes)  # rematerialise: the T passes dominate memory
-  forward = passes(image, fake_image, forward_key)
-  backward = passes(fake_image, image, backward_key)
-  _, uncertainty = appearance_uncertainty(image, fake_image, forward, backward)
-  if not ctx.num_classes:
-    return uncertainty, jnp.ones_like(uncertainty)
-  return uncertainty, label_consistency(labels, fake_labels, forward, ctx.num_classes)
+    one_pass = jax.checkpoint(one_pass)
+  uncertainty, consistency = jax.lax.map(one_pass, jax.random.split(key, ctx.refine.passes))
+  return jnp.mean(uncertainty, 0), jnp.mean(consistency, 0)
 
 
 def running_variance(state, name: str, values: jax.Array, decay: float) -> jax.Array:
@@ -127,10 +132,11 @@ def make_refine_step(ctx: StepContext) -> Callable:
     seen = labels if refine.mode == "backprop" else jax.lax.stop_gradient(labels)
     return labels, chain.image(params, jnp.concatenate([masks, seen], -1), key)
 
-  def realism(params, disc_params, image, labels, real_masks, fake_condition, fake_image, key):
+  def realism(params, disc_params, image, labels, real_masks, real_condition, fake_condition,
+              fake_image, key):
     """The images stage's generator objective and the annotation generator's supervised loss
     on the real batch; returns `(loss, (reconstruction, mse, adversarial))`."""
-    reconstruction = chain.image(params, chain.condition(real_masks, labels), key)
+    reconstruction = chain.image(params, real_condition, key)
     mse = losses.mse(reconstruction, image)
     adversarial = losses.lsgan_generator_loss(ctx.net("image_discriminator", disc_params)(
         jnp.concatenate([fake_image, fake_condition], -1)))
@@ -190,6 +196,7 @@ def make_refine_step(ctx: StepContext) -> Callable:
     # Real and generated grids cut at the same places.
     image, labels, real_masks, masks = patches(ctx, patch_key, image, labels, real_masks, masks)
     disc_params = state.params["image_discriminator"]
+    real_condition = chain.condition(real_masks, labels)
 
     def loss(params):
       fake_labels, mean = generate(params, masks, drop_key)
@@ -206,7 +213,7 @@ def make_refine_step(ctx: StepContext) -> Callable:
         reward_loss, outcome = policy_gradient_loss(state, frozen, mean, fake_labels, real,
                                                     real_labels, noise_key, reward_key)
       realism_loss, realism_out = realism(params, disc_params, image, labels, real_masks,
-                                          fake_condition, mean, recon_key)
+                                          real_condition, fake_condition, mean, recon_key)
       total = reward_loss + refine.realism_weight * realism_loss
       return total, (mean, fake_condition, outcome, realism_out)
 
@@ -217,7 +224,6 @@ def make_refine_step(ctx: StepContext) -> Callable:
     norms = {}
     for name in generators:
       state, norms[name] = apply_gradients(ctx, state, name, grads[name])
-    real_condition = chain.condition(real_masks, labels)
     fakes = [(jax.lax.stop_gradient(reconstruction), real_condition),
              (jax.lax.stop_gradient(mean), fake_condition)]
     disc_value, disc_grads = jax.value_and_grad(lambda p: image_discriminator_loss(
