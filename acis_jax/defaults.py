@@ -223,6 +223,8 @@ def evaluate_config() -> ml_collections.ConfigDict:
 
   ev.steps = 2000                   # per arm, the same for every arm
   ev.batch_size = 4
+  ev.real_share = 0.5               # of each batch from the real cases when synthetic pairs are
+                                    # added (uniform over all cases: -1, the paper's silence)
   ev.segmentation_learning_rate = 1e-3
   ev.reconstruction_learning_rate = 1e-4
   ev.nsd_tolerance_mm = 2.0

@@ -16,7 +16,8 @@ Tasks (`Task`):
 Training: Adam (optax) on the parameters; the step is a pure function
 `(graphdef, state, batch, key) -> (state, loss)` under `jax.jit` with the state donated. Step k
 uses the key `fold_in(key, k)`: it draws the batch by index from the in-memory training arrays
-(without replacement when `batch_size <= n`), then the augmentation and degradation keys.
+(without replacement when `batch_size <= n`; with real and synthetic cases, a fixed share of
+each batch from the real ones), then the augmentation and degradation keys.
 Models have parameters only (no batch statistics), so a trained model is `graphdef + params`.
 """
 import dataclasses
@@ -178,12 +179,23 @@ def _adam_train_step(task: Task, learning_rate: float, augment: Augment | None
   return optimizer, make_train_step(task, optimizer, augment)
 
 
-@functools.partial(jax.jit, static_argnames=("batch_size",))
-def draw_batch(key: jax.Array, inputs: jax.Array, targets: jax.Array, batch_size: int
-               ) -> tuple[jax.Array, jax.Array]:
-  """`batch_size` cases drawn by index, without replacement unless `batch_size > n`."""
+@functools.partial(jax.jit, static_argnames=("batch_size", "num_real", "real_per_batch"))
+def draw_batch(key: jax.Array, inputs: jax.Array, targets: jax.Array, batch_size: int,
+               num_real: int = 0, real_per_batch: int = 0) -> tuple[jax.Array, jax.Array]:
+  """`batch_size` cases drawn by index, without replacement unless a group is smaller than its
+  draw: uniformly from all n, or, with `num_real` (the first cases are the real ones, the rest
+  synthetic), `real_per_batch` from the real cases and the rest from the synthetic ones."""
   n = inputs.shape[0]
-  index = jax.random.choice(key, n, (batch_size,), replace=batch_size > n)
+  if not 0 < num_real < n:
+    index = jax.random.choice(key, n, (batch_size,), replace=batch_size > n)
+  else:
+    real_key, synthetic_key = jax.random.split(key)
+    synthetic_per_batch = batch_size - real_per_batch
+    index = jnp.concatenate([
+        jax.random.choice(real_key, num_real, (real_per_batch,),
+                          replace=real_per_batch > num_real),
+        num_real + jax.random.choice(synthetic_key, n - num_real, (synthetic_per_batch,),
+                                     replace=synthetic_per_batch > n - num_real)])
   return inputs[index], targets[index]
 
 
@@ -219,7 +231,8 @@ def _check_data(task: Task, inputs: Any, targets: Any, name: str) -> tuple[jax.A
 def train_downstream(net_factory: Callable[[nnx.Rngs], nnx.Module], task: Task,
                      train_inputs: Any, train_targets: Any = None, *, steps: int,
                      batch_size: int, learning_rate: float, seed: int,
-                     augment: Augment | None = None) -> Trained:
+                     augment: Augment | None = None, num_real: int = 0,
+                     real_share: float = -1.0) -> Trained:
   """Trains a fresh network on a task for exactly `steps` Adam steps.
 
   Args:
@@ -235,6 +248,9 @@ def train_downstream(net_factory: Callable[[nnx.Rngs], nnx.Module], task: Task,
     seed: seeds the initialisation and every step's batch, augmentation and degradation.
     augment: optional per-case augmentation, see `Augment`. Pass the same function object
       to every training that should share one compiled step.
+    num_real: the first `num_real` cases are real, the rest synthetic (0: all alike).
+    real_share: with `num_real`, the fraction of every batch drawn from the real cases
+      (rounded, at least one case of each kind); negative: batches drawn uniformly from all.
 
   Returns:
     The trained model (`Trained`).
@@ -255,10 +271,13 @@ def train_downstream(net_factory: Callable[[nnx.Rngs], nnx.Module], task: Task,
                      "statistics or RNG state")
   optimizer, step_fn = _adam_train_step(task, float(learning_rate), augment)
   state = TrainState.create(params, optimizer.init(params))
+  mixed = 0 < num_real < inputs.shape[0] and real_share >= 0 and batch_size > 1
+  real_per_batch = min(max(round(batch_size * real_share), 1), batch_size - 1) if mixed else 0
   losses = []
   for step in range(steps):
     batch_key, step_key = jax.random.split(jax.random.fold_in(train_key, step))
-    batch = draw_batch(batch_key, inputs, targets, batch_size)
+    batch = draw_batch(batch_key, inputs, targets, batch_size, num_real if mixed else 0,
+                       real_per_batch)
     state, loss = step_fn(graphdef, state, batch, step_key)
     losses.append(loss)
   return Trained(graphdef, state.params, np.asarray(jnp.stack(losses)))

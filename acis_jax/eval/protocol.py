@@ -13,9 +13,11 @@ seed, one network is trained per arm and scored on held-out real cases only:
                 recorded with n = the pool size).
 
 Every arm trains for the same `evaluate.steps` with the same seeds, batch size and
-augmentation, so arms differ only in their data. Batches are drawn uniformly from the arm's
-whole training set (real and synthetic alike: the paper adds the synthetic pairs to the
-training set and says nothing about re-weighting them). M = `config.synthesize.num_samples`.
+augmentation, so arms differ only in their data. In the arms with synthetic pairs a fixed
+share of each batch, `evaluate.real_share`, comes from the n real cases and the rest from the
+M pairs; -1 draws batches uniformly from the whole set (the paper adds the pairs to the
+training set and says nothing about re-weighting them: at n = 4, M = 32 such batches are 89 %
+synthetic). M = `config.synthesize.num_samples`.
 
 Real data and the split. `config.data` names the real data (`acis_jax.data.sources`):
   * 2-D (`data.image_shape` has 2 entries): axial slices. The training pool is
@@ -281,6 +283,7 @@ class Cases:
   labels: np.ndarray | None
   names: tuple[str, ...]
   spacings: tuple[tuple[float, ...], ...] = ()  # mm per spatial axis, per case (test sets)
+  num_real: int = 0  # the first num_real cases are real, the rest synthetic; 0: all real
 
   def digest(self) -> str:
     return cases_digest(self.names, self.images, self.labels)
@@ -295,7 +298,8 @@ def stack_cases(config, examples: list[Example]) -> Cases:
 def _join(real: Cases, images: np.ndarray, labels: np.ndarray | None) -> Cases:
   return Cases(np.concatenate([real.images, images]),
                None if real.labels is None else np.concatenate([real.labels, labels]),
-               real.names + tuple(f"synthetic_{i:04d}" for i in range(len(images))))
+               real.names + tuple(f"synthetic_{i:04d}" for i in range(len(images))),
+               num_real=len(real.names))
 
 
 def evaluate_cases(model: downstream.Trained, task: downstream.Task, test: Cases, ev,
@@ -331,7 +335,8 @@ def run_arm(key: dict, net: str, task: downstream.Task, train: Cases, test: Case
       net_factory(net, task, ev.nets[net].to_dict(), spatial_dims), task, train.images,
       train.labels if task.is_segmentation else None, steps=ev.steps,
       batch_size=ev.batch_size,
-      learning_rate=learning_rate(task, ev), seed=key["seed"], augment=augment)
+      learning_rate=learning_rate(task, ev), seed=key["seed"], augment=augment,
+      num_real=train.num_real, real_share=ev.real_share)
   trained = time.time()
   scores = evaluate_cases(model, task, test, ev, test_seed)
   rows = [{"arm": key["arm"], "n": key["n"], "net": net, "task": key["task"],
@@ -421,6 +426,8 @@ def run(config, workdir: str) -> None:
                  "learning_rate": learning_rate(task, ev), "augment": ev.augment.to_dict(),
                  "nsd_tolerance_mm": ev.nsd_tolerance_mm, "test_seed": config.seed,
                  "train_digest": train.digest(), "test_digest": test.digest()}
+          if train.num_real:
+            key["real_share"] = ev.real_share
           # The ConfigDict's tuples would read back from JSON as lists: compare like with like.
           key = json.loads(json.dumps(key))
           record = os.path.join(out, "runs", key["task"], net, f"{arm}_n{n}_seed{seed}.json")

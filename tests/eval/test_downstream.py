@@ -202,3 +202,20 @@ def test_networks_with_batch_statistics_are_refused():
     downstream.train_downstream(WithBatchNorm, downstream.Task("denoise", level=0.1),
                                 np.zeros((2, 8, 8, 1), np.float32), steps=1, batch_size=1,
                                 learning_rate=1e-3, seed=0)
+
+
+def test_batches_with_a_real_share_take_it_from_the_real_cases():
+  """Two real cases first, eight synthetic: each batch of 4 holds both real ones once and two
+  distinct synthetic ones, and every synthetic case is drawn over the steps."""
+  index = np.arange(10, dtype=np.float32)
+  inputs = np.broadcast_to(index[:, None, None, None], (10, 4, 4, 1))
+  targets = np.broadcast_to(index[:, None, None].astype(np.int32), (10, 4, 4))
+  seen = set()
+  for step in range(40):
+    x, _ = downstream.draw_batch(jax.random.key(step), inputs, targets, 4, num_real=2,
+                                 real_per_batch=2)
+    drawn = np.asarray(x)[:, 0, 0, 0]
+    np.testing.assert_array_equal(np.sort(drawn[:2]), [0, 1])
+    assert len(set(drawn[2:])) == 2 and all(d >= 2 for d in drawn[2:])
+    seen |= set(drawn[2:].tolist())
+  assert seen == set(range(2, 10))

@@ -111,6 +111,9 @@ def test_protocol_writes_every_arm_and_resumes(tmp_path, monkeypatch):
 
   def recording_train(factory, task, inputs, targets=None, **kw):
     trained_on.append((task.name, np.asarray(inputs)[..., 0]))
+    # The synthetic arms' batches take their real share from the n real cases, first.
+    assert kw["num_real"] == (N if len(inputs) == N + M else 0)
+    assert kw["real_share"] == config.evaluate.real_share
     return real_train(factory, task, inputs, targets, **kw)
 
   monkeypatch.setattr(downstream, "train_downstream", recording_train)
