@@ -62,8 +62,10 @@ its key is unchanged, so an interrupted evaluation resumes where it stopped.
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import json
 import os
+import platform
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -398,6 +400,24 @@ def training_sets(config, workdir: str, split: Split) -> dict[tuple[str, int], C
   return sets
 
 
+# What a table's numbers depend on besides the code and the config: a fresh install of other
+# versions gave other numbers (issue 13).
+VERSIONED = ("acis-jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "scipy")
+
+
+def environment() -> dict[str, Any]:
+  """The package versions, Python, platform and JAX devices of this run."""
+  versions = {}
+  for name in VERSIONED:
+    try:
+      versions[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      versions[name] = None
+  return {"packages": versions, "python": platform.python_version(),
+          "platform": platform.platform(),
+          "devices": sorted({d.device_kind for d in jax.devices()})}
+
+
 def run(config, workdir: str) -> None:
   """Runs the protocol (module docstring) and writes WORKDIR/eval/."""
   _check_settings(config)
@@ -433,5 +453,10 @@ def run(config, workdir: str) -> None:
           record = os.path.join(out, "runs", key["task"], net, f"{arm}_n{n}_seed{seed}.json")
           rows += run_arm(key, net, task, train, test, ev, augments[task.is_segmentation],
                           record, config.seed)
-  paths = report.write_report(rows, out, alpha=ev.alpha, preamble=split_note(config, split))
+  env = environment()
+  write_json_atomically(os.path.join(out, "environment.json"), env)
+  packages = ", ".join(f"{k} {v}" for k, v in env["packages"].items() if v)
+  paths = report.write_report(rows, out, alpha=ev.alpha, preamble=(
+      f"{split_note(config, split)}\n\nMade with {packages}, Python {env['python']} on "
+      f"{', '.join(env['devices'])} (environment.json)."))
   logging.info("[evaluate] wrote %s", ", ".join(paths))

@@ -111,15 +111,28 @@ def _ordered(values: Iterable) -> list:
   return list(dict.fromkeys(values))
 
 
-def case_means(rows: Iterable[Mapping], *, arm: str, net: str, task: str, metric: str,
-               n: int | None = None) -> dict[str, float]:
-  """`case -> mean over seeds` of one metric of one arm (any n when `n` is None)."""
+def means_by(group: str, rows: Iterable[Mapping], *, arm: str, net: str, task: str,
+             metric: str, n: int | None = None) -> dict:
+  """`row[group] -> mean` of one metric of one arm (any n when `n` is None): per "case" the
+  mean over seeds, per "seed" the mean over cases."""
   values = defaultdict(list)
   for row in rows:
     if (row["arm"], row["net"], row["task"], row["metric"]) == (arm, net, task, metric) and (
         n is None or row["n"] == n):
-      values[row["case"]].append(float(row["value"]))
-  return {case: float(np.mean(v)) for case, v in values.items()}
+      values[row[group]].append(float(row["value"]))
+  return {key: float(np.mean(v)) for key, v in values.items()}
+
+
+def case_means(rows: Iterable[Mapping], **selection) -> dict[str, float]:
+  """`case -> mean over seeds` of one metric of one arm (`means_by`'s selection)."""
+  return means_by("case", rows, **selection)
+
+
+def seed_spread(rows: Iterable[Mapping], **selection) -> float | None:
+  """The standard deviation (ddof 1) over seeds of the per-seed means over the test cases;
+  None with one seed."""
+  per_seed = list(means_by("seed", rows, **selection).values())
+  return float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else None
 
 
 def one_sided_p(tested: Mapping[str, float], other: Mapping[str, float],
@@ -252,7 +265,9 @@ def markdown_tables(rows: Sequence[Mapping], alpha: float = 0.05, preamble: str 
     cases = len({r["case"] for r in task_rows})
     seeds = len({r["seed"] for r in task_rows})
     upper_n = sorted({r["n"] for r in task_rows if r["arm"] == REFERENCE_ARM})
-    note = (f"Mean over {cases} held-out test case(s) and {seeds} seed(s). **Bold**: best "
+    note = (f"Mean over {cases} held-out test case(s) and {seeds} seed(s)"
+            f"{' ± the standard deviation of the per-seed means' if seeds > 1 else ''}. "
+            f"**Bold**: best "
             f"arm{' (the upper bound excluded)' if upper_n else ''}; \\*: ACIS better than the "
             f"next best arm, one-sided Wilcoxon signed-rank test over the test cases, "
             f"p < {alpha:g}.")
@@ -272,6 +287,10 @@ def markdown_tables(rows: Sequence[Mapping], alpha: float = 0.05, preamble: str 
           text = h.format(mark.means[arm])
           if arm in mark.best:
             text = f"**{text}**"
+          spread = seed_spread(task_rows, arm=arm, net=net, task=task, metric=h.key,
+                               n=None if arm == REFERENCE_ARM else n)
+          if spread is not None:
+            text += f" ± {h.format(spread)}"
           if arm == TESTED_ARM and mark.significant:
             text += "\\*"
           cells.append(text)

@@ -5,9 +5,11 @@ protocol test trains only tiny downstream networks for a few steps; the synthesi
 is checked with the trainer and `synthesize` replaced by recorders.
 """
 import csv
+import json
 import os
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -151,7 +153,13 @@ def test_protocol_writes_every_arm_and_resumes(tmp_path, monkeypatch):
   test_cases = {e.name for e in protocol.load_split(config).test}
   assert {r["case"] for r in rows} == test_cases
 
+  with open(out / "environment.json") as f:
+    env = json.load(f)
+  assert env["packages"]["jax"] == jax.__version__
+  assert env["packages"]["numpy"] == np.__version__
+
   table = (out / "table.md").read_text()
+  assert f"jax {jax.__version__}" in table
   for title in ("### segmentation", "### denoise_0.1", "Baseline DSC (%)", "ACIS- MSD (mm)",
                 "ACIS PSNR (dB)", "Upper bound SSIM"):
     assert title in table

@@ -151,12 +151,16 @@ def test_table_lines_per_n_and_net_with_the_upper_bound_on_each():
   columns = header(markdown)
   assert columns[2:] == [f"{arm} {metric}" for arm in ("Baseline", "ACIS", "Upper bound")
                          for metric in ("DSC (%)", "MSD (mm)")]
-  upper = f"{np.mean(base + 0.2) * 100:.2f}"
+  upper = f"{np.mean(base + 0.2) * 100:.2f} ± 0.00"  # the same at both seeds
   assert all(line[columns.index("Upper bound DSC (%)")] == upper for line in lines)
-  # Seeds average per case: ACIS at n = 8 is base + 0.08 + 0.005 on average.
+  # Seeds average per case: ACIS at n = 8 is base + 0.08 + 0.005 on average; its two seeds'
+  # means differ by 0.01, a standard deviation of 0.01 / sqrt(2).
   acis = lines[2][columns.index("ACIS DSC (%)")]
-  assert re.fullmatch(rf"\*\*{np.mean(base + 0.085) * 100:.2f}\*\*(\\\*)?", acis)
-  assert "2 seed(s)" in markdown and "10 held-out test case(s)" in markdown
+  spread = np.std([np.mean(base + 0.08), np.mean(base + 0.09)], ddof=1) * 100
+  assert re.fullmatch(rf"\*\*{np.mean(base + 0.085) * 100:.2f}\*\* ± {spread:.2f}(\\\*)?",
+                      acis)
+  assert "2 seed(s) ± the standard deviation" in markdown
+  assert "10 held-out test case(s)" in markdown
   assert "all 32 real training cases" in markdown
 
 
