@@ -18,7 +18,9 @@ of the test patient reaches the synthesizer or the downstream networks. For n = 
 training slices a small synthesizer is trained on those n slices only and writes 32 ACIS and
 32 ACIS- pairs; then for 3 seeds each arm (baseline, +32 SynthSeg-style pairs painted on the n
 label maps, +ACIS-, +ACIS, upper bound = the 24 pool slices) trains segmentation (U-Net, MedNeXt) and denoising (sigma 0.1, ResNet), 600 steps
-each.
+each; the synthetic arms' batches are half real slices (`evaluate.real_share`). The
+synthesizer's refinement is issue 13's (backprop through the registration net beside the images
+stage's objective, 100 steps; README "What the refinement changes").
 
 The task was changed so that it is short of real data (issue 11; U-Net, baseline and upper
 bound only, 3 seeds, Dice on the other patient): with each CT's whole field of view resized
