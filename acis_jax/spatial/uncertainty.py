@@ -45,9 +45,9 @@ def label_consistency(y: jax.Array, y_hat: jax.Array, disps: jax.Array, num_clas
                       include_background: bool = False, smooth: float = 1e-6) -> jax.Array:
   """Mean over passes of the soft Dice between `y o phi_t` (one-hot, linearly warped) and `y_hat`.
 
-  Per class `(2 sum(a b) + smooth) / (sum a + sum b + smooth)` over voxels, so a class absent
-  from both maps scores 1; classes averaged with equal weight. Differentiable in `disps` and in
-  probabilistic `y_hat`.
+  Per class `(2 sum(a b) + smooth) / (sum a + sum b + smooth)` over voxels, and 1 (with zero
+  gradient) for a class absent from both maps; classes averaged with equal weight.
+  Differentiable in `disps` and in probabilistic `y_hat`.
 
   Args:
     y: real labels, integer `(*spatial)` or `(batch, *spatial)`.
@@ -74,7 +74,12 @@ def label_consistency(y: jax.Array, y_hat: jax.Array, disps: jax.Array, num_clas
   spatial_axes = tuple(range(-1 - ndim, -1))
   inter = jnp.sum(warped * target, axis=spatial_axes)
   total = jnp.sum(warped, axis=spatial_axes) + jnp.sum(target, axis=spatial_axes)
-  dice = (2.0 * inter + smooth) / (total + smooth)  # (T, [batch,] K)
+  # A class absent from both maps scores 1 with no gradient: through the smoothed ratio its
+  # derivative would be 1 / smooth per voxel (1e6), which blew up the refinement's gradients
+  # whenever a slice lacked a class (the demo's aorta).
+  present = total > 0
+  dice = jnp.where(present, (2.0 * inter + smooth) / jnp.where(present, total + smooth, 1.0),
+                   1.0)  # (T, [batch,] K)
   if not include_background:
     dice = dice[..., 1:]
   return jnp.mean(dice, axis=(0, -1))

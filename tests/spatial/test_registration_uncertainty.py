@@ -93,3 +93,19 @@ def test_label_consistency_bad_input():
     label_consistency(y, np.zeros((8, 8, 2)), np.zeros((2, 8, 8, 2), np.float32), 4)
   with pytest.raises(ValueError, match="labels must be integers"):
     label_consistency(y.astype(np.float32), y, np.zeros((2, 8, 8, 2), np.float32), 4)
+
+
+def test_a_class_absent_from_both_maps_scores_one_with_a_bounded_gradient():
+  """Class 3 is in neither map: it scores 1, and the Dice's gradient with respect to the
+  label probabilities stays within 2 / (the smallest present class's voxel count) per voxel;
+  through the smoothed ratio it was -1 / smooth = -1e6 (issue 13's refinement blew up)."""
+  y = np.zeros((16, 16), np.int32)
+  y[4:12, 4:12] = 1
+  y[0:2, 0:4] = 2
+  probs = jnp.asarray(np.eye(4, dtype=np.float32)[y])
+  zeros = jnp.zeros((1, 16, 16, 2))
+  np.testing.assert_allclose(label_consistency(y, probs, zeros, 4), 1.0, rtol=1e-6)
+  grad = jax.grad(lambda p: label_consistency(y, p, zeros, 4))(probs)
+  assert np.all(np.isfinite(grad))
+  assert float(jnp.max(jnp.abs(grad))) <= 2.0 / 8 + 1e-6
+  np.testing.assert_array_equal(grad[..., 3], 0.0)
