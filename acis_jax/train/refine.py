@@ -107,11 +107,15 @@ def registration_terms(ctx: StepContext, frozen: dict, image, labels, fake_image
   return jnp.mean(uncertainty, 0), jnp.mean(consistency, 0)
 
 
+def running_average(state, name: str, value: jax.Array, decay: float) -> jax.Array:
+  """The exponential moving average `state.extras[name]` updated with `value`, started at the
+  first step's value."""
+  return jnp.where(state.step == 0, value, decay * state.extras[name] + (1 - decay) * value)
+
+
 def running_variance(state, name: str, values: jax.Array, decay: float) -> jax.Array:
-  """The exponential moving average of the batch variance of `values`, started at the first
-  batch's."""
-  batch = jnp.var(jax.lax.stop_gradient(values))
-  return jnp.where(state.step == 0, batch, decay * state.extras[name] + (1 - decay) * batch)
+  """The running average of the batch variance of `values`."""
+  return running_average(state, name, jnp.var(jax.lax.stop_gradient(values)), decay)
 
 
 def make_refine_step(ctx: StepContext) -> Callable:
@@ -230,8 +234,7 @@ def make_refine_step(ctx: StepContext) -> Callable:
         ctx.net("image_discriminator", p), image, real_condition, fakes))(disc_params)
     state, _ = apply_gradients(ctx, state, "image_discriminator", disc_grads)
     mean_reward = jnp.mean(reward)
-    baseline = jnp.where(state.step == 0, mean_reward, refine.baseline_decay
-                         * state.extras["baseline"] + (1 - refine.baseline_decay) * mean_reward)
+    baseline = running_average(state, "baseline", mean_reward, refine.baseline_decay)
     state = state.replace(extras={"baseline": baseline, "uncertainty_var": u_var,
                                   "label_var": l_var})
     metrics = {"loss": total, "reward": mean_reward, "uncertainty": jnp.mean(uncertainty),
