@@ -29,7 +29,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.sample = "chest"       # "chest", "lobes", "abdomen" (sample CTs; several
                                      # joined by commas) or "phantom"
   config.data.classes = ()           # class names to train on, in order (acis_jax.data.labels);
-                                     # () = the label ids as stored
+                                     # () = the label ids as stored; named, they set
+                                     # num_classes (resolve_config)
   config.data.image_shape = (192, 192, 160)
   config.data.patch_shape = ()       # train on random patches of this shape; () = whole grid
   config.data.spacing_mm = ()        # voxel size (mm, one or per axis) of the training grid,
@@ -152,6 +153,21 @@ _AT_LEAST = {
 }
 
 
+def resolve_config(config: ml_collections.ConfigDict) -> None:
+  """Fields that follow from others, settled once before `check_config` (in place).
+
+  `data.classes` may come from the command line as one comma-joined string
+  (`--config.data.classes=left_lung,right_lung`): it is split into names. Named classes fix
+  the class count: `data.num_classes` becomes their number + 1 (the background), so a config
+  that names other classes than its file needs no second override.
+  """
+  classes = tuple(name.strip() for item in config.data.classes
+                  for name in str(item).split(",") if name.strip())
+  config.data.classes = classes
+  if classes:
+    config.data.num_classes = len(classes) + 1
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Refuses values that cannot work, naming the field and what it may be.
 
@@ -203,7 +219,8 @@ def evaluate_config() -> ml_collections.ConfigDict:
   """
   ev = ml_collections.ConfigDict()
   ev.num_train = (4, 8, 16)         # few-shot sizes n (each <= the training pool)
-  ev.arms = ("baseline", "acis-", "acis", "upper")  # acis- = no refinement; + "synthseg"
+  ev.arms = ("baseline", "acis-", "acis", "upper")  # acis- = no refinement; + "synthseg",
+                                    # "acis-real" (ACIS painting moved real cases)
   ev.seeds = (0, 1, 2)
   ev.train_band = (0.2, 0.42)       # 2-D: axial band of the training pool (fractions)
   ev.test_band = (0.44, 0.64)       # 2-D: axial band of the test slices, disjoint from it
@@ -211,7 +228,11 @@ def evaluate_config() -> ml_collections.ConfigDict:
   ev.num_test_cases = 1             # 3-D: held-out volumes (the last ones in name order)
   ev.test_cases = ()                # held-out patients by case name (2-D and 3-D); when
                                     # given, the split is by patient and the bands may overlap
+  ev.by_patient = False             # 2-D without test_cases: hold out the last num_test_cases
+                                    # volumes in name order (else: bands of every volume)
   ev.train_synthesizer = True       # train the synthesizer per n when its folders are missing
+  ev.synthesizer_per_seed = True    # one synthesizer per n and seed (its variance in the error
+                                    # bars); False: one per n, seeded by config.seed
 
   ev.segmentation = True            # needs data.num_classes >= 2
   ev.denoise_sigmas = (0.1,)        # paper: 0.1, 0.2, 0.5 (intensity units, images in [0, 1])
@@ -225,6 +246,9 @@ def evaluate_config() -> ml_collections.ConfigDict:
   ev.batch_size = 4
   ev.real_share = 0.5               # of each batch from the real cases when synthetic pairs are
                                     # added (uniform over all cases: -1, the paper's silence)
+  ev.synthetic_weight = 1.0          # a synthetic case's loss weight in its batch (real: 1)
+  ev.pretrain_fraction = 0.0        # > 0: that fraction of the steps on synthetic cases only,
+                                    # then real only (pretrain, fine-tune); 0: mixed batches
   ev.segmentation_learning_rate = 1e-3
   ev.reconstruction_learning_rate = 1e-4
   ev.nsd_tolerance_mm = 2.0

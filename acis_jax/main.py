@@ -16,7 +16,7 @@ import jax
 from ml_collections import config_flags
 
 from acis_jax.data.sample import cache_root
-from acis_jax.defaults import check_config
+from acis_jax.defaults import check_config, resolve_config
 from acis_jax.stops import Stopped, stops_raise
 from acis_jax.train.parallel import maybe_initialize_distributed
 from acis_jax.train.progress import show_progress_logs
@@ -83,6 +83,7 @@ def main(argv):
   show_progress_logs()
   config = _CONFIG.value
   try:
+    resolve_config(config)
     check_config(config)
   except ValueError as e:
     raise app.UsageError(str(e)) from None

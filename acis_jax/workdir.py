@@ -13,7 +13,8 @@ Every file a run reads or writes under `--workdir` is named here and nowhere els
     networks/<stage>/DONE          written last: the stage is finished
     networks/grid.json             the grid synthetic volumes are written on, the label names
     synthetic/, synthetic_unrefined/   synthesized pairs (ACIS, ACIS-), swapped in whole
-    synth_n<N>/                    the evaluation's synthesizer trained on N cases (a workdir)
+    synthetic_from_real/           the evaluation's ACIS pairs from real anatomy
+    synth_n<N>[_seed<S>]/          the evaluation's synthesizer trained on N cases (a workdir)
     eval/                          the evaluation's results
     nnunet/                        the export mode's nnU-Net dataset (unless export.out_dir)
     pseudomask/                    the pseudomask mode's maps and figures
@@ -43,8 +44,10 @@ CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 GRID_FILE = "grid.json"
 DONE_FILE = "DONE"
-# Synthetic folders by arm: the refined generators (ACIS) and those before refinement (ACIS-).
-SYNTHETIC_FOLDERS = {"acis": "synthetic", "acis-": "synthetic_unrefined"}
+# Synthetic folders by arm: the refined generators (ACIS), those before refinement (ACIS-), and
+# the refined image generator painting real cases moved by random diffeomorphisms.
+SYNTHETIC_FOLDERS = {"acis": "synthetic", "acis-": "synthetic_unrefined",
+                     "acis-real": "synthetic_from_real"}
 
 
 def write_json_atomically(path: str | os.PathLike, value: Any) -> None:
@@ -202,9 +205,10 @@ class Workdir:
   def synthetic(self, arm: str = "acis") -> str:
     return self.path(SYNTHETIC_FOLDERS[arm])
 
-  def synthesizer(self, n: int) -> "Workdir":
-    """The work directory of the evaluation's synthesizer trained on `n` real cases."""
-    return Workdir(self.path(f"synth_n{n}"))
+  def synthesizer(self, n: int, seed: int | None = None) -> "Workdir":
+    """The work directory of the evaluation's synthesizer trained on `n` real cases (with
+    `seed`: the one trained with that seed)."""
+    return Workdir(self.path(f"synth_n{n}" if seed is None else f"synth_n{n}_seed{seed}"))
 
   @property
   def eval(self) -> str:

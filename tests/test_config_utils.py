@@ -9,7 +9,7 @@ import pytest
 
 from acis_jax.config_utils import load_config_file, parse_presets
 from acis_jax.data.sources import load_examples
-from acis_jax.defaults import check_config
+from acis_jax.defaults import check_config, resolve_config
 
 EXPERIMENTS = pathlib.Path(__file__).resolve().parents[1] / "experiments"
 
@@ -114,3 +114,16 @@ def test_label_maps_as_the_source_need_a_folder_and_labels():
 def test_every_experiment_passes_the_check():
   for path in sorted(EXPERIMENTS.glob("*.py")):
     check_config(load_config_file(str(path)))
+
+
+def test_classes_given_as_one_comma_joined_string_are_split_and_set_the_class_count():
+  """`--config.data.classes=left_lung,right_lung` reaches the config as one string in a
+  tuple (ml_collections' flag parsing)."""
+  config = load_config_file(str(EXPERIMENTS / "fewshot_chest2d.py"))
+  assert config.data.num_classes == 4
+  config.data.classes = ("left_lung,right_lung",)
+  resolve_config(config)
+  assert config.data.classes == ("left_lung", "right_lung") and config.data.num_classes == 3
+  config.data.classes = ()
+  resolve_config(config)  # no names: the count stays as given
+  assert config.data.num_classes == 3

@@ -6,7 +6,7 @@ the same `steps`, whatever the size of its training set, so arms differ only in 
 
 Tasks (`Task`):
   * "segmentation": inputs images `(n, *spatial, channels)`, targets integer labels
-    `(n, *spatial)` in `[0, num_classes)`; soft Dice loss (`dice_loss`); prediction = argmax.
+    `(n, *spatial)` in `[0, num_classes)`; soft Dice loss (`case_losses`); prediction = argmax.
   * "denoise", "deblur", "superres": targets clean images `(n, *spatial, channels)` (by default
     the inputs themselves); the network input is the degraded clean image, made on the fly
     inside the train step with a fresh key per step (`acis_jax.eval.degrade`), so noise is
@@ -32,6 +32,7 @@ import optax
 from flax import nnx
 
 from acis_jax.eval import degrade, metrics
+from acis_jax.train import losses
 from acis_jax.train.state import TrainState, apply_update
 
 SEGMENTATION = "segmentation"
@@ -95,41 +96,23 @@ class Trained(NamedTuple):
     return nnx.merge(self.graphdef, self.params)
 
 
-def dice_loss(logits: jax.Array, labels: jax.Array, num_classes: int, *,
-              include_background: bool = False, smooth: float = 1e-5) -> jax.Array:
-  """Soft Dice loss, `1 - mean_{case, class} (2 sum p t + s) / (sum p + sum t + s)`.
-
-  Args:
-    logits: `(b, *spatial, num_classes)`; probabilities are their softmax.
-    labels: integer `(b, *spatial)` in `[0, num_classes)`.
-    num_classes: classes including background (label 0).
-    include_background: average over class 0 too (default: foreground classes only, as
-      nnU-Net does).
-    smooth: added to numerator and denominator; a class absent from a case scores ~1 only when
-      it is (almost) not predicted there.
-
-  Returns:
-    A scalar in [0, 1].
-  """
-  if logits.shape[:-1] != labels.shape or logits.shape[-1] != num_classes:
-    raise ValueError(f"dice_loss: logits {logits.shape} must be labels {labels.shape} plus a "
-                     f"last axis of num_classes={num_classes}")
-  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-  onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
-  axes = tuple(range(1, labels.ndim))
-  overlap = jnp.sum(probs * onehot, axis=axes)
-  total = jnp.sum(probs, axis=axes) + jnp.sum(onehot, axis=axes)
-  score = (2.0 * overlap + smooth) / (total + smooth)  # (b, num_classes)
-  if not include_background:
-    score = score[:, 1:]
-  return 1.0 - jnp.mean(score)
-
-
-def task_loss(task: Task, outputs: jax.Array, targets: jax.Array) -> jax.Array:
-  """Soft Dice for segmentation (`outputs` = logits), mean squared error otherwise."""
+def case_losses(task: Task, outputs: jax.Array, targets: jax.Array) -> jax.Array:
+  """The loss of each case `(b,)`: soft Dice over the foreground classes for segmentation
+  (`outputs` = logits; nnU-Net leaves the background out), mean squared error otherwise."""
   if task.is_segmentation:
-    return dice_loss(outputs, targets, task.num_classes)
-  return jnp.mean(jnp.square(outputs.astype(jnp.float32) - targets.astype(jnp.float32)))
+    return 1.0 - jnp.mean(losses.soft_dice(outputs, targets, task.num_classes,
+                                           include_background=False), axis=1)
+  error = jnp.square(outputs.astype(jnp.float32) - targets.astype(jnp.float32))
+  return jnp.mean(error, axis=tuple(range(1, error.ndim)))
+
+
+def task_loss(task: Task, outputs: jax.Array, targets: jax.Array,
+              weights: jax.Array | None = None) -> jax.Array:
+  """The batch loss: `case_losses` averaged with per-case `weights` `(b,)` (default equal)."""
+  per_case = case_losses(task, outputs, targets)
+  if weights is None:
+    return jnp.mean(per_case)
+  return jnp.sum(weights * per_case) / jnp.sum(weights)
 
 
 def _network_inputs(task: Task, batch: tuple[jax.Array, jax.Array], key: jax.Array,
@@ -145,14 +128,16 @@ def _network_inputs(task: Task, batch: tuple[jax.Array, jax.Array], key: jax.Arr
   return inputs, targets
 
 
-def train_step(graphdef: nnx.GraphDef, state: TrainState, batch: tuple[jax.Array, jax.Array],
-               key: jax.Array, *, task: Task, optimizer: optax.GradientTransformation,
+def train_step(graphdef: nnx.GraphDef, state: TrainState,
+               batch: tuple[jax.Array, jax.Array, jax.Array], key: jax.Array, *, task: Task,
+               optimizer: optax.GradientTransformation,
                augment: Augment | None = None) -> tuple[TrainState, jax.Array]:
-  """One optimiser step on one batch `(inputs, targets)`; returns the new state and the loss."""
-  inputs, targets = _network_inputs(task, batch, key, augment)
+  """One optimiser step on one batch `(inputs, targets, case weights)`; returns the new state
+  and the loss."""
+  inputs, targets = _network_inputs(task, batch[:2], key, augment)
 
   def loss_fn(params):
-    return task_loss(task, nnx.merge(graphdef, params)(inputs), targets)
+    return task_loss(task, nnx.merge(graphdef, params)(inputs), targets, batch[2])
 
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
   params, opt_state = apply_update(state.params, state.opt_state, grads, optimizer)
@@ -181,12 +166,15 @@ def _adam_train_step(task: Task, learning_rate: float, augment: Augment | None
 
 @functools.partial(jax.jit, static_argnames=("batch_size", "num_real", "real_per_batch"))
 def draw_batch(key: jax.Array, inputs: jax.Array, targets: jax.Array, batch_size: int,
-               num_real: int = 0, real_per_batch: int = 0) -> tuple[jax.Array, jax.Array]:
-  """`batch_size` cases drawn by index, without replacement unless a group is smaller than its
-  draw: uniformly from all n, or, with `num_real` (the first cases are the real ones, the rest
-  synthetic), `real_per_batch` from the real cases and the rest from the synthetic ones."""
+               num_real: int = 0, real_per_batch: int = -1, synthetic_weight: float = 1.0
+               ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`(inputs, targets, loss weights)` of `batch_size` cases drawn by index, without
+  replacement unless a group is smaller than its draw: uniformly from all n (`real_per_batch`
+  negative), or, with `num_real` (the first cases are the real ones, the rest synthetic),
+  `real_per_batch` (0 to batch_size) from the real cases and the rest from the synthetic ones.
+  A synthetic case's loss weighs `synthetic_weight`, a real one's 1."""
   n = inputs.shape[0]
-  if not 0 < num_real < n:
+  if not 0 < num_real < n or real_per_batch < 0:
     index = jax.random.choice(key, n, (batch_size,), replace=batch_size > n)
   else:
     real_key, synthetic_key = jax.random.split(key)
@@ -196,7 +184,9 @@ def draw_batch(key: jax.Array, inputs: jax.Array, targets: jax.Array, batch_size
                           replace=real_per_batch > num_real),
         num_real + jax.random.choice(synthetic_key, n - num_real, (synthetic_per_batch,),
                                      replace=synthetic_per_batch > n - num_real)])
-  return inputs[index], targets[index]
+  weights = jnp.where(index < num_real, 1.0, synthetic_weight) if 0 < num_real < n else (
+      jnp.ones(batch_size))
+  return inputs[index], targets[index], weights
 
 
 def _check_data(task: Task, inputs: Any, targets: Any, name: str) -> tuple[jax.Array, jax.Array]:
@@ -232,7 +222,8 @@ def train_downstream(net_factory: Callable[[nnx.Rngs], nnx.Module], task: Task,
                      train_inputs: Any, train_targets: Any = None, *, steps: int,
                      batch_size: int, learning_rate: float, seed: int,
                      augment: Augment | None = None, num_real: int = 0,
-                     real_share: float = -1.0) -> Trained:
+                     real_share: float = -1.0, synthetic_weight: float = 1.0,
+                     pretrain_steps: int = 0) -> Trained:
   """Trains a fresh network on a task for exactly `steps` Adam steps.
 
   Args:
@@ -251,6 +242,11 @@ def train_downstream(net_factory: Callable[[nnx.Rngs], nnx.Module], task: Task,
     num_real: the first `num_real` cases are real, the rest synthetic (0: all alike).
     real_share: with `num_real`, the fraction of every batch drawn from the real cases
       (rounded, at least one case of each kind); negative: batches drawn uniformly from all.
+    synthetic_weight: with `num_real`, the weight of a synthetic case's loss in its batch
+      (a real case's is 1; the batch loss is the weighted mean).
+    pretrain_steps: with `num_real`, the first `pretrain_steps` of the `steps` draw synthetic
+      cases only and the rest real cases only (pretrain, then fine-tune, one Adam state
+      throughout); 0: every step mixes them as `real_share` says.
 
   Returns:
     The trained model (`Trained`).
@@ -258,6 +254,10 @@ def train_downstream(net_factory: Callable[[nnx.Rngs], nnx.Module], task: Task,
   if steps < 1 or batch_size < 1:
     raise ValueError(f"train_downstream: steps and batch_size must be >= 1, got steps={steps}, "
                      f"batch_size={batch_size}")
+  if not 0 <= pretrain_steps < steps or synthetic_weight <= 0:
+    raise ValueError(f"train_downstream: need 0 <= pretrain_steps < steps={steps} and "
+                     f"synthetic_weight > 0, got pretrain_steps={pretrain_steps}, "
+                     f"synthetic_weight={synthetic_weight}")
   inputs, targets = _check_data(task, train_inputs, train_targets, "train_downstream")
   # Parameters are drawn with the "rbg" generator: XLA compiles threefry anew for every
   # parameter shape, ~30 s for a small U-Net on a CPU against ~4 s with rbg.
@@ -271,16 +271,28 @@ def train_downstream(net_factory: Callable[[nnx.Rngs], nnx.Module], task: Task,
                      "statistics or RNG state")
   optimizer, step_fn = _adam_train_step(task, float(learning_rate), augment)
   state = TrainState.create(params, optimizer.init(params))
-  mixed = 0 < num_real < inputs.shape[0] and real_share >= 0 and batch_size > 1
-  real_per_batch = min(max(round(batch_size * real_share), 1), batch_size - 1) if mixed else 0
-  losses = []
-  for step in range(steps):
+  real_counts = _real_per_batch(steps, batch_size, 0 < num_real < inputs.shape[0],
+                                real_share, pretrain_steps)
+  step_losses = []
+  for step, real_per_batch in enumerate(real_counts):
     batch_key, step_key = jax.random.split(jax.random.fold_in(train_key, step))
-    batch = draw_batch(batch_key, inputs, targets, batch_size, num_real if mixed else 0,
-                       real_per_batch)
+    batch = draw_batch(batch_key, inputs, targets, batch_size, num_real, real_per_batch,
+                       synthetic_weight)
     state, loss = step_fn(graphdef, state, batch, step_key)
-    losses.append(loss)
-  return Trained(graphdef, state.params, np.asarray(jnp.stack(losses)))
+    step_losses.append(loss)
+  return Trained(graphdef, state.params, np.asarray(jnp.stack(step_losses)))
+
+
+def _real_per_batch(steps: int, batch_size: int, mixed: bool, real_share: float,
+                    pretrain_steps: int) -> list[int]:
+  """How many real cases each step's batch draws (-1: uniformly from all cases)."""
+  if not mixed:
+    return [-1] * steps
+  if pretrain_steps:
+    return [0] * pretrain_steps + [batch_size] * (steps - pretrain_steps)
+  if real_share < 0 or batch_size < 2:
+    return [-1] * steps
+  return [min(max(round(batch_size * real_share), 1), batch_size - 1)] * steps
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))

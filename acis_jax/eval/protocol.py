@@ -9,6 +9,9 @@ seed, one network is trained per arm and scored on held-out real cases only:
                 (`acis_jax.synthesizers.synthseg`, `evaluate.synthseg`; no training);
   * "acis-":    the n real cases + M synthetic pairs from the synthesizer BEFORE refinement;
   * "acis":     the n real cases + M synthetic pairs from the refined synthesizer;
+  * "acis-real": the n real cases + M pairs of the refined image generator painting fresh
+                pseudo-masks of the n real cases moved by random smooth diffeomorphisms, their
+                labels moved alike ("ACIS from real anatomy", `synthesize.source = "real"`);
   * "upper":    every case of the real training pool (does not depend on n; trained once and
                 recorded with n = the pool size).
 
@@ -17,7 +20,9 @@ augmentation, so arms differ only in their data. In the arms with synthetic pair
 share of each batch, `evaluate.real_share`, comes from the n real cases and the rest from the
 M pairs; -1 draws batches uniformly from the whole set (the paper adds the pairs to the
 training set and says nothing about re-weighting them: at n = 4, M = 32 such batches are 89 %
-synthetic). M = `config.synthesize.num_samples`.
+synthetic). A synthetic case's loss weighs `evaluate.synthetic_weight` against a real one's 1;
+`evaluate.pretrain_fraction` > 0 trains that share of the steps on the synthetic pairs alone
+and the rest on the real cases alone instead. M = `config.synthesize.num_samples`.
 
 Real data and the split. `config.data` names the real data (`acis_jax.data.sources`):
   * 2-D (`data.image_shape` has 2 entries): axial slices. The training pool is
@@ -27,9 +32,11 @@ Real data and the split. `config.data` names the real data (`acis_jax.data.sourc
     slice is in both sets (checked by slice index too).
   * 3-D: whole volumes. The last `evaluate.num_test_cases` cases (in name order) are the test
     set, the others the training pool.
-  * By patient, in 2-D and 3-D: `evaluate.test_cases` names the held-out cases (volumes);
-    the pool is drawn from the other cases only (2-D: their `train_band`; the test slices from
-    the test cases' `test_band`, which may then overlap it).
+  * By patient, in 2-D and 3-D: `evaluate.test_cases` names the held-out cases (volumes),
+    or, in 2-D with `evaluate.by_patient` and no names, the last `evaluate.num_test_cases`
+    volumes in name order are held out; the pool is drawn from the other cases only (2-D:
+    their `train_band`; the test slices from the test cases' `test_band`, which may then
+    overlap it).
   The n cases of the few-shot arms are n cases of the pool spread evenly over it (in axial
   order for slices), the same for every seed and arm: the synthesizer of size n is trained on
   exactly them.
@@ -45,9 +52,11 @@ Real data and the split. `config.data` names the real data (`acis_jax.data.sourc
 
 The synthesizer of size n (the default, `evaluate.train_synthesizer`): the ACIS stages are
 trained on those n cases only (`acis_jax.train.trainer.train`, with `config.model`,
-`config.train`, `config.refine`, ...) into WORKDIR/synth_n{n}/, then `synthesize` writes
-ACIS and ACIS- pairs to WORKDIR/synth_n{n}/synthetic{,_unrefined}/ (HU int16 on disk, windowed
-back to [0, 1] with `window_hu`; labels uint8). Both steps resume: finished stages are skipped,
+`config.train`, `config.refine`, ...) into WORKDIR/synth_n{n}_seed{seed}/, once per seed with
+that seed, so that the synthesizer's own variance is in the error bars (or once per n into
+WORKDIR/synth_n{n}/ with `evaluate.synthesizer_per_seed=False`); then `synthesize` writes the
+pairs of the synthetic arms there (`acis_jax.workdir.SYNTHETIC_FOLDERS`; HU int16 on disk,
+windowed back to [0, 1] with `window_hu`; labels uint8). Both steps resume: finished stages are skipped,
 and complete synthetic folders skip training and synthesis altogether, so pre-made folders put
 there are used as they are (with `train_synthesizer=False`, missing ones are an error). After
 changing the synthesizer's settings, delete WORKDIR/synth_n*/ to train it again.
@@ -152,11 +161,19 @@ def load_split(config) -> Split:
     return Split(examples[:-k], examples[-k:])
   train_band, test_band = tuple(ev.train_band), tuple(ev.test_band)
   overlap = not (train_band[1] < test_band[0] or test_band[1] < train_band[0])
-  if overlap and not test_cases:
+  if overlap and not (test_cases or ev.by_patient):
     raise ValueError(f"evaluate.train_band={train_band} and evaluate.test_band={test_band} "
                      "overlap: the test slices must come from a separate axial band")
   pool = load_examples(_with_band(data, train_band, data.num_slices))
   test = load_examples(_with_band(data, test_band, ev.num_test_slices))
+  if ev.by_patient and not test_cases:
+    patients = sorted({_patient(e, True) for e in pool + test})
+    k = int(ev.num_test_cases)
+    if not 1 <= k < len(patients):
+      raise ValueError(f"evaluate.by_patient holds out the last evaluate.num_test_cases={k} "
+                       f"patients in name order; need 1 <= it < the {len(patients)} patients "
+                       f"{patients}")
+    test_cases = tuple(patients[-k:])
   if test_cases:
     return _split_by_patient(pool, test, test_cases, is_2d=True)
   shared = sorted({_slice_key(e) for e in pool} & {_slice_key(e) for e in test})
@@ -171,7 +188,7 @@ def split_note(config, split: Split) -> str:
   is_2d = len(config.data.image_shape) == 2
   pool_patients = sorted({_patient(e, is_2d) for e in split.pool})
   test_patients = sorted({_patient(e, is_2d) for e in split.test})
-  if tuple(config.evaluate.test_cases):
+  if tuple(config.evaluate.test_cases) or (is_2d and config.evaluate.by_patient):
     what = "axial slices" if is_2d else "volume(s)"
     return (f"Split by patient: training pool {len(split.pool)} {what} of {pool_patients}; "
             f"held-out test set {len(split.test)} {what} of the other patient(s) "
@@ -202,28 +219,44 @@ def few_shot_subset(pool: Sequence[Example], n: int) -> list[Example]:
 # Synthetic data
 
 
-def ensure_synthetic(config, workdir: str, n: int, examples: list[Example]) -> Workdir:
-  """WORKDIR/synth_n{n}/, with ACIS and ACIS- pairs of a synthesizer trained on `examples`.
+def synthesizer_dir(config, workdir: str, n: int, seed: int) -> Workdir:
+  """Where the synthesizer of size n for `seed` lives: one per seed
+  (`evaluate.synthesizer_per_seed`, its variance then in the error bars) or one per n."""
+  per_seed = config.evaluate.synthesizer_per_seed
+  return Workdir(workdir).synthesizer(n, seed if per_seed else None)
 
-  Complete synthetic folders are used as they are; otherwise the synthesizer is trained
-  (finished stages skipped) and `synthesize` writes both folders.
+
+def ensure_synthetic(config, workdir: str, n: int, seed: int, examples: list[Example],
+                     arms: Sequence[str]) -> Workdir:
+  """The synthesizer's work directory (`synthesizer_dir`), with the synthetic folders of
+  `arms` (of SYNTHETIC_FOLDERS) made by a synthesizer trained on `examples`.
+
+  Complete folders are used as they are; otherwise the synthesizer is trained (finished
+  stages skipped, seeded by `seed` when there is one per seed) and the missing folders are
+  written: ACIS and ACIS- by `synthesize` (`synthesize.source`), ACIS from real anatomy by
+  `synthesize.write_from_real`.
   """
-  root = Workdir(workdir).synthesizer(n)
+  root = synthesizer_dir(config, workdir, n, seed)
   count, labelled = config.synthesize.num_samples, config.data.num_classes > 0
-  folders = [root.synthetic(arm) for arm in SYNTHETIC_FOLDERS]
-  if all(synthetic_complete(f, count, labelled) for f in folders):
+  missing = [arm for arm in arms if not synthetic_complete(root.synthetic(arm), count, labelled)]
+  if not missing:
     return root
   if not config.evaluate.train_synthesizer:
-    raise ValueError(f"{root.root}: the synthetic folders {list(SYNTHETIC_FOLDERS.values())} lack "
-                     f"some of synth_0000..synth_{count - 1:04d}, and "
-                     "evaluate.train_synthesizer=False")
+    raise ValueError(f"{root.root}: the synthetic folders "
+                     f"{[SYNTHETIC_FOLDERS[arm] for arm in missing]} lack some of "
+                     f"synth_0000..synth_{count - 1:04d}, and evaluate.train_synthesizer=False")
   synth_config = config.copy_and_resolve_references()
+  if config.evaluate.synthesizer_per_seed:
+    synth_config.seed = int(seed)
   synth_config.synthesize.unrefined = True  # ACIS- is an arm
   synth_config.synthesize.quality = False   # the downstream table is this synthesizer's report
-  logging.info("[evaluate] training the synthesizer for n=%d on %s", n,
-               [e.name for e in examples])
+  logging.info("[evaluate] training the synthesizer for n=%d (seed %d) on %s", n,
+               synth_config.seed, [e.name for e in examples])
   trainer.train(synth_config, root.root, examples=examples)
-  synthesize.run(synth_config, root.root, examples=examples)
+  if {"acis", "acis-"} & set(missing):
+    synthesize.run(synth_config, root.root, examples=examples)
+  if "acis-real" in missing:
+    synthesize.write_from_real(synth_config, root.root, examples)
   return root
 
 
@@ -338,7 +371,8 @@ def run_arm(key: dict, net: str, task: downstream.Task, train: Cases, test: Case
       train.labels if task.is_segmentation else None, steps=ev.steps,
       batch_size=ev.batch_size,
       learning_rate=learning_rate(task, ev), seed=key["seed"], augment=augment,
-      num_real=train.num_real, real_share=ev.real_share)
+      num_real=train.num_real, real_share=ev.real_share, synthetic_weight=ev.synthetic_weight,
+      pretrain_steps=round(ev.steps * ev.pretrain_fraction) if train.num_real else 0)
   trained = time.time()
   scores = evaluate_cases(model, task, test, ev, test_seed)
   rows = [{"arm": key["arm"], "n": key["n"], "net": net, "task": key["task"],
@@ -361,6 +395,9 @@ def _check_settings(config) -> None:
     raise ValueError(f"evaluate.arms={tuple(ev.arms)}: unknown {unknown}; choose from {ARMS}")
   if not ev.seeds:
     raise ValueError("evaluate.seeds is empty")
+  if not 0 <= ev.pretrain_fraction < 1 or ev.synthetic_weight <= 0:
+    raise ValueError(f"evaluate.pretrain_fraction={ev.pretrain_fraction} must lie in [0, 1) "
+                     f"and evaluate.synthetic_weight={ev.synthetic_weight} be > 0")
   if not ev.num_train and any(arm != "upper" for arm in ev.arms):
     raise ValueError("evaluate.num_train is empty but the arms need few-shot sizes")
   if "synthseg" in ev.arms:
@@ -373,30 +410,32 @@ def _check_settings(config) -> None:
                      "jax.distributed")
 
 
-def training_sets(config, workdir: str, split: Split) -> dict[tuple[str, int], Cases]:
-  """`(arm, n) -> training cases` of every arm; trains the synthesizers it needs."""
+def training_sets(config, workdir: str, split: Split) -> dict[tuple[str, int, int], Cases]:
+  """`(arm, n, seed) -> training cases` of every arm; trains the synthesizers it needs."""
   ev = config.evaluate
+  synthetic_arms = [arm for arm in ev.arms if arm in SYNTHETIC_FOLDERS]
   sets = {}
-  for n in ev.num_train:
-    examples = few_shot_subset(split.pool, int(n))
+  for n in map(int, ev.num_train):
+    examples = few_shot_subset(split.pool, n)
     real = stack_cases(config, examples)
-    synthetic_arms = [arm for arm in ev.arms if arm in SYNTHETIC_FOLDERS]
-    root = ensure_synthetic(config, workdir, int(n), examples) if synthetic_arms else None
-    for arm in ev.arms:
-      if arm == "baseline":
-        sets[arm, int(n)] = real
-      elif arm == "synthseg":
-        images, labels = synthseg_pairs(
-            stream_key(config.seed, f"evaluate/synthseg/n{int(n)}"), real.labels,
-            config.synthesize.num_samples, config.data.num_classes,
-            SynthSegParams.from_config(ev.synthseg), images=real.images)
-        sets[arm, int(n)] = _join(real, np.asarray(images), np.asarray(labels))
-      elif arm in SYNTHETIC_FOLDERS:
-        folder = root.synthetic(arm)
-        sets[arm, int(n)] = _join(real, *load_synthetic(folder, config.synthesize.num_samples,
-                                                        config))
+    for seed in map(int, ev.seeds):
+      root = (ensure_synthetic(config, workdir, n, seed, examples, synthetic_arms)
+              if synthetic_arms else None)
+      for arm in ev.arms:
+        if arm == "baseline":
+          sets[arm, n, seed] = real
+        elif arm == "synthseg":
+          images, labels = synthseg_pairs(
+              stream_key(seed, f"evaluate/synthseg/n{n}"), real.labels,
+              config.synthesize.num_samples, config.data.num_classes,
+              SynthSegParams.from_config(ev.synthseg), images=real.images)
+          sets[arm, n, seed] = _join(real, np.asarray(images), np.asarray(labels))
+        elif arm in SYNTHETIC_FOLDERS:
+          sets[arm, n, seed] = _join(real, *load_synthetic(
+              root.synthetic(arm), config.synthesize.num_samples, config))
   if "upper" in ev.arms:
-    sets["upper", len(split.pool)] = stack_cases(config, split.pool)
+    pool = stack_cases(config, split.pool)
+    sets.update({("upper", len(split.pool), int(seed)): pool for seed in ev.seeds})
   return sets
 
 
@@ -438,21 +477,21 @@ def run(config, workdir: str) -> None:
   rows = []
   for task in tasks:
     for net in task_nets(task, ev):
-      for (arm, n), train in sets.items():
-        for seed in ev.seeds:
-          key = {"task": task_label(task), "net": net, "arm": arm, "n": n, "seed": int(seed),
-                 "net_config": ev.nets[net].to_dict(), "steps": ev.steps,
-                 "batch_size": ev.batch_size,
-                 "learning_rate": learning_rate(task, ev), "augment": ev.augment.to_dict(),
-                 "nsd_tolerance_mm": ev.nsd_tolerance_mm, "test_seed": config.seed,
-                 "train_digest": train.digest(), "test_digest": test.digest()}
-          if train.num_real:
-            key["real_share"] = ev.real_share
-          # The ConfigDict's tuples would read back from JSON as lists: compare like with like.
-          key = json.loads(json.dumps(key))
-          record = os.path.join(out, "runs", key["task"], net, f"{arm}_n{n}_seed{seed}.json")
-          rows += run_arm(key, net, task, train, test, ev, augments[task.is_segmentation],
-                          record, config.seed)
+      for (arm, n, seed), train in sets.items():
+        key = {"task": task_label(task), "net": net, "arm": arm, "n": n, "seed": int(seed),
+               "net_config": ev.nets[net].to_dict(), "steps": ev.steps,
+               "batch_size": ev.batch_size,
+               "learning_rate": learning_rate(task, ev), "augment": ev.augment.to_dict(),
+               "nsd_tolerance_mm": ev.nsd_tolerance_mm, "test_seed": config.seed,
+               "train_digest": train.digest(), "test_digest": test.digest()}
+        if train.num_real:
+          key.update(real_share=ev.real_share, synthetic_weight=ev.synthetic_weight,
+                     pretrain_fraction=ev.pretrain_fraction)
+        # The ConfigDict's tuples would read back from JSON as lists: compare like with like.
+        key = json.loads(json.dumps(key))
+        record = os.path.join(out, "runs", key["task"], net, f"{arm}_n{n}_seed{seed}.json")
+        rows += run_arm(key, net, task, train, test, ev, augments[task.is_segmentation],
+                        record, config.seed)
   env = environment()
   write_json_atomically(os.path.join(out, "environment.json"), env)
   packages = ", ".join(f"{k} {v}" for k, v in env["packages"].items() if v)

@@ -42,7 +42,7 @@ from acis_jax.eval.statistics import wilcoxon_greater  # noqa: E402
 COLUMNS = ("arm", "n", "net", "task", "seed", "case", "metric", "value")
 # Every arm of the protocol, in the paper's column order.
 ARM_TITLES = {"baseline": "Baseline", "synthseg": "SynthSeg-style", "acis-": "ACIS-",
-              "acis": "ACIS", "upper": "Upper bound"}
+              "acis": "ACIS", "acis-real": "ACIS from real", "upper": "Upper bound"}
 REFERENCE_ARM = "upper"   # shown, never bold, never tested against
 TESTED_ARM = "acis"       # the arm that earns a '*'
 

@@ -3,7 +3,7 @@
 Both map `(batch, *spatial, in_channels)` images to `(batch, *spatial, num_classes)` logits,
 are rank-agnostic (`spatial_dims=2` or `3` builds the 2-D or 3-D network from the same class,
 kernels `(k,) * spatial_dims`), channel-last, and are trained with the soft Dice loss
-(`acis_jax.eval.downstream.dice_loss`). Widths are constructor arguments, so tests use tiny ones.
+(`acis_jax.eval.downstream.case_losses`). Widths are constructor arguments, so tests use tiny ones.
 Both down-sample four times: every spatial size must be a multiple of 16 (192x192x160 and
 256x256 are).
 """

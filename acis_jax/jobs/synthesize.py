@@ -108,7 +108,7 @@ def write_pairs(config, workdir: Workdir, arm: str, cases) -> None:
   grid = workdir.read_grid()
   affine = np.asarray(grid["affine"])
   # Every process takes part in orbax's restore; process 0 alone samples and writes.
-  sources = generator_sources(config, refined=arm == "acis")
+  sources = generator_sources(config, refined=arm != "acis-")
   if cases is not None:
     sources = {"image_generator": sources["image_generator"]}
   params = {name: load_network(workdir, stage, name, config) for name, stage in sources.items()}
@@ -141,6 +141,17 @@ def write_pairs(config, workdir: Workdir, arm: str, cases) -> None:
     contact_sheet(os.path.join(out_dir, "contact_sheet.png"), sheet, affine,
                   title=f"{arm.upper()}: synthetic pairs")
   logging.info("[synthesize %s] wrote %s", arm.upper(), final)
+
+
+def write_from_real(config, workdir: str, examples: list[Example] | None = None) -> None:
+  """The evaluation's "ACIS from real anatomy" pairs (folder of arm "acis-real"): the refined
+  image generator painting the run's training cases moved by random diffeomorphisms, as
+  `synthesize.source = "real"` makes them, whatever `config.synthesize.source` says."""
+  config = config.copy_and_resolve_references()
+  config.synthesize.source = "real"
+  workdir = Workdir(workdir)
+  with workdir.lock():
+    write_pairs(config, workdir, "acis-real", starting_cases(config, examples, workdir))
 
 
 def run(config, workdir: str, examples: list[Example] | None = None) -> None:

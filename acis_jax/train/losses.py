@@ -86,13 +86,14 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int) -> jax
   return -jnp.mean(jnp.take_along_axis(log_p, labels[..., None], axis=-1))
 
 
-def soft_dice_loss(logits: jax.Array, labels: jax.Array, num_classes: int, *,
-                   include_background: bool = True, smooth: float = 1e-5) -> jax.Array:
-  """`1 - mean_{b,k} (2 sum p y + s) / (sum p + sum y + s)`, softmax `p`, one-hot `y`.
+def soft_dice(logits: jax.Array, labels: jax.Array, num_classes: int, *,
+              include_background: bool = True, smooth: float = 1e-5) -> jax.Array:
+  """Soft Dice `(b, k)` of each sample and class: `(2 sum p y + s) / (sum p + sum y + s)`,
+  softmax `p`, one-hot `y`.
 
   Sums run over the spatial axes of each sample; `s = smooth`. A class absent from both the
   label and the prediction scores 1 (perfect), so empty classes do not punish. With
-  `include_background=False` class 0 is left out of the mean.
+  `include_background=False` class 0 is left out (k = num_classes - 1).
   """
   _check_logits_labels(logits, labels, num_classes)
   p = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
@@ -104,7 +105,14 @@ def soft_dice_loss(logits: jax.Array, labels: jax.Array, num_classes: int, *,
     if num_classes < 2:
       raise ValueError("include_background=False needs at least two classes")
     dice = dice[:, 1:]
-  return 1.0 - jnp.mean(dice)
+  return dice
+
+
+def soft_dice_loss(logits: jax.Array, labels: jax.Array, num_classes: int, *,
+                   include_background: bool = True, smooth: float = 1e-5) -> jax.Array:
+  """`1 - mean_{b,k} soft_dice`."""
+  return 1.0 - jnp.mean(soft_dice(logits, labels, num_classes,
+                                  include_background=include_background, smooth=smooth))
 
 
 def dice_ce_loss(logits: jax.Array, labels: jax.Array, num_classes: int, *,

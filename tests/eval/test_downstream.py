@@ -49,7 +49,9 @@ def _as_trained(module: nnx.Module) -> downstream.Trained:
   return downstream.Trained(graphdef, params, np.zeros(0))
 
 
-def test_dice_loss_matches_a_direct_computation():
+def test_losses_match_a_direct_computation():
+  """Per-case soft Dice over the foreground classes and per-case MSE against NumPy; the batch
+  loss is their mean, or their weighted mean with case weights."""
   rng = np.random.default_rng(0)
   logits = rng.standard_normal((2, 6, 5, 3)).astype(np.float32)
   labels = rng.integers(0, 3, (2, 6, 5))
@@ -59,12 +61,23 @@ def test_dice_loss_matches_a_direct_computation():
     for c in range(3):
       p, t = probs[b, ..., c], labels[b] == c
       scores[b, c] = (2 * (p * t).sum() + 1e-5) / (p.sum() + t.sum() + 1e-5)
-  np.testing.assert_allclose(downstream.dice_loss(logits, labels, 3), 1 - scores[:, 1:].mean(),
+  segmentation = downstream.Task("segmentation", num_classes=3)
+  per_case = 1 - scores[:, 1:].mean(axis=1)
+  np.testing.assert_allclose(downstream.case_losses(segmentation, logits, labels), per_case,
                              rtol=1e-5)
-  np.testing.assert_allclose(downstream.dice_loss(logits, labels, 3, include_background=True),
-                             1 - scores.mean(), rtol=1e-5)
+  np.testing.assert_allclose(downstream.task_loss(segmentation, logits, labels),
+                             per_case.mean(), rtol=1e-5)
+  weights = np.array([1.0, 0.25], np.float32)
+  np.testing.assert_allclose(downstream.task_loss(segmentation, logits, labels, weights),
+                             (per_case * weights).sum() / weights.sum(), rtol=1e-5)
   confident = 100.0 * (2 * np.eye(3)[labels] - 1)
-  assert float(downstream.dice_loss(confident, labels, 3)) < 1e-6
+  assert float(downstream.task_loss(segmentation, confident, labels)) < 1e-6
+  images, clean = rng.random((2, 2, 6, 5, 1)).astype(np.float32)
+  denoise = downstream.Task("denoise", level=0.1)
+  mse = ((images - clean) ** 2).reshape(2, -1).mean(axis=1)
+  np.testing.assert_allclose(downstream.case_losses(denoise, images, clean), mse, rtol=1e-5)
+  np.testing.assert_allclose(downstream.task_loss(denoise, images, clean, weights),
+                             (mse * weights).sum() / weights.sum(), rtol=1e-5)
 
 
 def test_segmentation_of_disks_is_learnt(numpy_initialised):
@@ -160,7 +173,7 @@ def test_batches_are_drawn_without_replacement():
   inputs = np.broadcast_to(index[:, None, None, None], (6, 4, 4, 1))
   targets = np.broadcast_to(index[:, None, None].astype(np.int32), (6, 4, 4))
   for step in range(3):
-    x, y = downstream.draw_batch(jax.random.key(step), inputs, targets, 6)
+    x, y, _ = downstream.draw_batch(jax.random.key(step), inputs, targets, 6)
     np.testing.assert_array_equal(np.sort(np.asarray(x)[:, 0, 0, 0]), index)
     np.testing.assert_array_equal(np.asarray(x)[:, 0, 0, 0], np.asarray(y)[:, 0, 0])
 
@@ -206,16 +219,41 @@ def test_networks_with_batch_statistics_are_refused():
 
 def test_batches_with_a_real_share_take_it_from_the_real_cases():
   """Two real cases first, eight synthetic: each batch of 4 holds both real ones once and two
-  distinct synthetic ones, and every synthetic case is drawn over the steps."""
+  distinct synthetic ones, every synthetic case is drawn over the steps, and the synthetic
+  cases carry the synthetic weight."""
   index = np.arange(10, dtype=np.float32)
   inputs = np.broadcast_to(index[:, None, None, None], (10, 4, 4, 1))
   targets = np.broadcast_to(index[:, None, None].astype(np.int32), (10, 4, 4))
   seen = set()
   for step in range(40):
-    x, _ = downstream.draw_batch(jax.random.key(step), inputs, targets, 4, num_real=2,
-                                 real_per_batch=2)
+    x, _, weights = downstream.draw_batch(jax.random.key(step), inputs, targets, 4,
+                                          num_real=2, real_per_batch=2, synthetic_weight=0.3)
     drawn = np.asarray(x)[:, 0, 0, 0]
     np.testing.assert_array_equal(np.sort(drawn[:2]), [0, 1])
     assert len(set(drawn[2:])) == 2 and all(d >= 2 for d in drawn[2:])
+    np.testing.assert_allclose(weights, np.where(drawn < 2, 1.0, 0.3))
     seen |= set(drawn[2:].tolist())
   assert seen == set(range(2, 10))
+
+
+def test_pretraining_draws_synthetic_cases_then_real_ones(monkeypatch):
+  """With pretrain_steps, the first steps see synthetic cases only and the rest real only."""
+  index = np.arange(10, dtype=np.float32)
+  inputs = np.broadcast_to(index[:, None, None, None], (10, 4, 4, 1))
+  drawn = []
+  real_draw = downstream.draw_batch
+
+  def recording_draw(*args, **kwargs):
+    batch = real_draw(*args, **kwargs)
+    drawn.append(np.asarray(batch[0])[:, 0, 0, 0])
+    return batch
+  monkeypatch.setattr(downstream, "draw_batch", recording_draw)
+  downstream.train_downstream(lambda rngs: nnx.Linear(1, 1, rngs=rngs),
+                              downstream.Task("denoise", level=0.1), inputs, steps=7,
+                              batch_size=3, learning_rate=1e-3, seed=0, num_real=2,
+                              real_share=0.5, pretrain_steps=4)
+  assert all(np.all(d >= 2) for d in drawn[:4]) and all(np.all(d < 2) for d in drawn[4:])
+  with pytest.raises(ValueError, match="pretrain_steps"):
+    downstream.train_downstream(lambda rngs: nnx.Linear(1, 1, rngs=rngs),
+                                downstream.Task("denoise", level=0.1), inputs, steps=4,
+                                batch_size=3, learning_rate=1e-3, seed=0, pretrain_steps=4)

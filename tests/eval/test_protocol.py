@@ -7,6 +7,7 @@ is checked with the trainer and `synthesize` replaced by recorders.
 import csv
 import json
 import os
+import shutil
 from pathlib import Path
 
 import jax
@@ -46,6 +47,7 @@ def make_config(tmp_path, **evaluate):
   ev.batch_size = 2
   ev.augment.enabled = False
   ev.train_synthesizer = False
+  ev.synthesizer_per_seed = False
   ev.nets.unet.features = (4, 8)
   ev.nets.resnet.features = 4
   ev.nets.resnet.num_blocks = 1
@@ -197,36 +199,47 @@ def test_synthetic_folders_are_checked(tmp_path):
     protocol.run(config, str(workdir))
 
 
-def test_the_synthesizer_of_size_n_sees_only_those_n_slices(tmp_path, monkeypatch):
-  config = make_config(tmp_path, num_train=(2, 3), train_synthesizer=True, arms=("acis",),
+def test_each_seed_trains_a_synthesizer_on_only_those_n_slices(tmp_path, monkeypatch):
+  config = make_config(tmp_path, num_train=(2, 3), seeds=(0, 1), train_synthesizer=True,
+                       synthesizer_per_seed=True, arms=("acis", "acis-real"),
                        segmentation=False, denoise_sigmas=(), superres_factors=(2,),
                        superres_nets=())
   workdir = tmp_path / "work"
   calls = []
 
   def fake_train(synth_config, root, examples):
-    calls.append(("train", root, [e.name for e in examples]))
+    calls.append(("train", root, synth_config.seed, [e.name for e in examples]))
 
   def fake_synthesize(synth_config, root, examples):
     assert synth_config.synthesize.unrefined  # ACIS- is an arm of the protocol
-    calls.append(("synthesize", root, [e.name for e in examples]))
-    for i, folder in enumerate(protocol.SYNTHETIC_FOLDERS.values()):
-      write_fake_synthetic(Path(root) / folder, seed=i)
+    calls.append(("synthesize", root, synth_config.seed, [e.name for e in examples]))
+    for arm in ("acis", "acis-"):
+      write_fake_synthetic(Path(root) / protocol.SYNTHETIC_FOLDERS[arm], seed=0)
+
+  def fake_from_real(synth_config, root, examples):
+    calls.append(("from_real", root, synth_config.seed, [e.name for e in examples]))
+    write_fake_synthetic(Path(root) / protocol.SYNTHETIC_FOLDERS["acis-real"], seed=1)
 
   monkeypatch.setattr(protocol.trainer, "train", fake_train)
   monkeypatch.setattr(protocol.synthesize, "run", fake_synthesize)
+  monkeypatch.setattr(protocol.synthesize, "write_from_real", fake_from_real)
   protocol.run(config, str(workdir))
   pool = protocol.load_split(config).pool
   expected = []
   for n in (2, 3):
-    root = str(workdir / f"synth_n{n}")
     subset = [e.name for e in protocol.few_shot_subset(pool, n)]
-    expected += [("train", root, subset), ("synthesize", root, subset)]
+    for seed in (0, 1):
+      root = str(workdir / f"synth_n{n}_seed{seed}")
+      expected += [(step, root, seed, subset) for step in ("train", "synthesize", "from_real")]
   assert calls == expected
-  # Complete folders are reused: a second run trains no synthesizer.
+  # Complete folders are reused: a second run trains no synthesizer; a missing folder is
+  # written without rewriting the others.
   calls.clear()
   protocol.run(config, str(workdir))
   assert calls == []
+  shutil.rmtree(workdir / "synth_n2_seed1" / protocol.SYNTHETIC_FOLDERS["acis-real"])
+  protocol.run(config, str(workdir))
+  assert [c[0] for c in calls] == ["train", "from_real"]
 
 
 def test_the_synthseg_arm_paints_the_n_real_label_maps_without_a_synthesizer(tmp_path,
@@ -268,6 +281,17 @@ def two_patient_config(tmp_path, **evaluate):
   phantom_case(patients, (32, 32, 40), name="patient_b", seed=1)
   config.data.data_dir = str(patients)
   return config
+
+
+def test_by_patient_holds_out_the_last_patients_in_name_order(tmp_path):
+  config = two_patient_config(tmp_path, by_patient=True)
+  split = protocol.load_split(config)
+  assert {e.name.rsplit("_z", 1)[0] for e in split.pool} == {"patient_a"}
+  assert {e.name.rsplit("_z", 1)[0] for e in split.test} == {"patient_b"}
+  assert "Split by patient" in protocol.split_note(config, split)
+  config.evaluate.num_test_cases = 2
+  with pytest.raises(ValueError, match="num_test_cases=2.*2 patients"):
+    protocol.load_split(config)
 
 
 def test_split_by_patient_keeps_the_test_patient_out_of_every_training(tmp_path, monkeypatch):

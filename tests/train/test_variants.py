@@ -102,6 +102,17 @@ def test_synthesize_from_real_cases_writes_variants_of_them(trained):
   synthesize.run(config, str(tmp_path))
   for variant in written_labels():
     np.testing.assert_array_equal(variant, data.labels[0])
+  # The evaluation's "ACIS from real anatomy" folder holds the same pairs, whatever the
+  # config's source.
+  generated = zero_step_smoke()
+  generated.synthesize.deformation = 0.0
+  synthesize.write_from_real(generated, str(tmp_path))
+  for kind in ("imagesTr", "labelsTr"):
+    ours = sorted((tmp_path / "synthetic_from_real" / kind).iterdir())
+    assert [p.name for p in ours] == [p.name for p in sorted((folder.parent / kind).iterdir())]
+    for path in ours:
+      np.testing.assert_array_equal(np.asarray(nib.load(path).dataobj),
+                                    np.asarray(nib.load(folder.parent / kind / path.name).dataobj))
   config.synthesize.deformation = 1.0
   synthesize.run(config, str(tmp_path))
   variants = written_labels()
