@@ -247,8 +247,8 @@ def evaluate_config() -> ml_collections.ConfigDict:
   ev.real_share = 0.5               # of each batch from the real cases when synthetic pairs are
                                     # added (uniform over all cases: -1, the paper's silence)
   ev.synthetic_weight = 1.0          # a synthetic case's loss weight in its batch (real: 1)
-  ev.pretrain_fraction = 0.0        # > 0: that fraction of the steps on synthetic cases only,
-                                    # then real only (pretrain, fine-tune); 0: mixed batches
+  ev.pretrain_fraction = 0.5        # that fraction of the steps on synthetic cases only, then
+                                    # real only (pretrain, fine-tune; README); 0: mixed batches
   ev.segmentation_learning_rate = 1e-3
   ev.reconstruction_learning_rate = 1e-4
   ev.nsd_tolerance_mm = 2.0
