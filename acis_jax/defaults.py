@@ -11,6 +11,7 @@ import ml_collections
 from acis_jax.data.augment import AugmentParams
 from acis_jax.data.nnunet import dataset_folder_name
 from acis_jax.pseudomask import PseudoMaskParams
+from acis_jax.synthesizers import SYNTHESIZERS
 from acis_jax.synthesizers.synthseg import SynthSegParams
 from acis_jax.train.refine import MODES as REFINE_MODES
 from acis_jax.workdir import SYNTHETIC_FOLDERS
@@ -23,6 +24,7 @@ def base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.mode = "pseudomask"
   config.seed = 0
+  config.synthesizer = "acis"        # or "superpixel" (V2UM2I-like; acis_jax.synthesizers)
 
   config.data = ml_collections.ConfigDict()
   config.data.data_dir = ""          # nnU-Net folder; empty = the built-in sample below
@@ -43,7 +45,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.phantom_seed = 0
   config.data.num_classes = 5        # counts the background; 0 = label-free (images only)
 
-  config.pseudomask = ml_collections.ConfigDict(dataclasses.asdict(PseudoMaskParams()))
+  # The method is the synthesizer's (config.synthesizer), not a setting of its own.
+  config.pseudomask = ml_collections.ConfigDict(
+      {k: v for k, v in dataclasses.asdict(PseudoMaskParams()).items() if k != "method"})
   config.pseudomask.num_seeds = 8192
 
   config.augment = ml_collections.ConfigDict(dataclasses.asdict(AugmentParams()))
@@ -190,6 +194,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     dataset_folder_name(config.export.dataset_id, config.export.name)
   except ValueError as e:
     problems.append(str(e))
+  if config.synthesizer not in SYNTHESIZERS:
+    problems.append(f"synthesizer={config.synthesizer!r} (one of {list(SYNTHESIZERS)})")
   if config.refine.mode not in REFINE_MODES:
     problems.append(f"refine.mode={config.refine.mode!r} (one of {list(REFINE_MODES)})")
   if config.synthesize.source not in SYNTHESIS_SOURCES:

@@ -16,16 +16,17 @@ import numpy as np
 
 from acis_jax.data.nifti import save_nifti
 from acis_jax.data.sources import load_examples
-from acis_jax.pseudomask import PseudoMaskParams, pseudo_mask
+from acis_jax.pseudomask import pseudo_mask
 from acis_jax.pseudomask.pipeline import warn_if_no_edges
 from acis_jax.rng import stream_key
+from acis_jax.synthesizers import pseudomask_params
 from acis_jax.workdir import Workdir
 from acis_jax.viz import pseudomask_figure
 
 
 def run(config, workdir: str) -> None:
   out_dir = Workdir(workdir).pseudomask
-  params = PseudoMaskParams.from_config(config.pseudomask)
+  params = pseudomask_params(config)
   logging.info("Loading images (%s)...", config.data.data_dir or f"built-in {config.data.sample}")
   examples = load_examples(config.data)
   logging.info("%d example(s) of shape %s", len(examples), tuple(config.data.image_shape))
@@ -37,7 +38,8 @@ def run(config, workdir: str) -> None:
     logging.info("[%d/%d] %s: pseudo-mask with %d seeds in %.2f s%s", index + 1, len(examples),
                  example.name, params.num_seeds, time.perf_counter() - start,
                  " (includes compilation)" if index == 0 else "")
-    warn_if_no_edges(result, example.name)
+    if params.method == "voronoi":
+      warn_if_no_edges(result, example.name)
     affine = example.image.affine
     prefix = os.path.join(out_dir, example.name)
     mask, density, edges = (np.asarray(a) for a in (result.mask, result.density, result.edges))

@@ -36,7 +36,7 @@ from acis_jax.rng import stream_key
 from acis_jax.spatial import register_labels, warp
 from acis_jax.train.networks import load_network
 from acis_jax.train.stages import generator_sources
-from acis_jax.pseudomask import PseudoMaskParams
+from acis_jax.synthesizers import pseudomask_params
 from acis_jax.train.trainer import (TrainingData, load_training_data, make_chain,
                                     model_fingerprint, run_fingerprint)
 from acis_jax.viz import contact_sheet
@@ -79,7 +79,7 @@ def make_sampler(config, cases=None):
     chain_sample = jax.jit(chain.sample, static_argnames="size")
     return lambda params, key, start, size: chain_sample(params, key, size=size)
   images, labels, deformation = cases
-  pseudomask = PseudoMaskParams.from_config(config.pseudomask)
+  pseudomask = pseudomask_params(config)
   variants = jax.jit(lambda params, key, images, labels: chain.variants(
       params, key, images, labels, pseudomask, deformation, settings.deformation_scale))
 

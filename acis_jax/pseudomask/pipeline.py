@@ -1,4 +1,5 @@
-"""Pseudo-masks (paper sec 2.1): edges -> density -> seeds -> Voronoi cells.
+"""Pseudo-masks (paper sec 2.1): edges -> density -> seeds -> Voronoi cells; or, for the
+V2UM2I-like comparison arm (`method="superpixel"`), SLIC superpixels filled with their means.
 
 `pseudo_mask(key, image, params)` is a pure function of a key and one image
 (`(H, W)` or `(D, H, W)`, values in [0, 1]); it is jit-compiled with the
@@ -19,7 +20,10 @@ from acis_jax.config_utils import dataclass_from_config
 from acis_jax.pseudomask.canny import canny, canny_slicewise
 from acis_jax.pseudomask.kde import kde
 from acis_jax.pseudomask.sampling import sample_edge_points, sample_seeds
+from acis_jax.pseudomask.superpixel import slic
 from acis_jax.pseudomask.voronoi import voronoi
+
+METHODS = ("voronoi", "superpixel")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,8 +49,17 @@ class PseudoMaskParams:
   voronoi_method: str = "auto"
   cell_value: str = "seed"
   body_threshold: float = 0.3
+  # "voronoi" (sec 2.1) or "superpixel" (SLIC with about num_seeds cells, each its mean;
+  # acis_jax.pseudomask.superpixel). Set by the synthesizer (acis_jax.synthesizers), not by
+  # config.pseudomask.
+  method: str = "voronoi"
+  superpixel_compactness: float = 0.1  # of the intensity range, per grid step
+  superpixel_iterations: int = 10
+  superpixel_jitter: float = 1.0       # initial centres moved up to this * step / 2
 
   def __post_init__(self):
+    if self.method not in METHODS:
+      raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
     if self.cell_value not in ("seed", "mean"):
       raise ValueError(f"cell_value must be 'seed' or 'mean', got {self.cell_value!r}")
     if self.num_seeds < 1 or self.num_edge_points < 1:
@@ -128,8 +141,20 @@ def cell_values(image: jax.Array, seeds: jax.Array, cells: jax.Array, how: str) 
   return per_cell[cells]
 
 
+def _superpixel_mask(key, image, params: PseudoMaskParams) -> PseudoMask:
+  """SLIC superpixels as a `PseudoMask`: the centres as its seeds, no edges or density."""
+  cells, centres = slic(key, image, params.num_seeds, params.superpixel_compactness,
+                        params.superpixel_iterations, params.superpixel_jitter)
+  seeds = jnp.round(centres).astype(jnp.int32)
+  mask = cell_values(image, seeds, cells, "mean")
+  return PseudoMask(mask=mask, seeds=seeds, cells=cells, density=jnp.zeros_like(image),
+                    edges=jnp.zeros(image.shape, bool))
+
+
 @jax.jit(static_argnames="params")
 def _pseudo_mask(key, image, params: PseudoMaskParams) -> PseudoMask:
+  if params.method == "superpixel":
+    return _superpixel_mask(key, image, params)
   edge_key, seed_key = jax.random.split(key)
   edges, density = edge_density(edge_key, image, params)
   seeds = sample_seeds(seed_key, density, params.num_seeds)

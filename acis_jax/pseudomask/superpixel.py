@@ -28,9 +28,11 @@ def grid_step(shape: tuple[int, ...], num_segments: int) -> tuple[float, int, in
 
 
 def slic(key: jax.Array, image: jax.Array, num_segments: int, compactness: float = 0.1,
-         iterations: int = 10, jitter: float = 0.0) -> jax.Array:
-  """Superpixel labels `image.shape` (int32 in [0, number of centres)) of one image
-  (`(H, W)` or `(D, H, W)`, values in [0, 1]); `compactness` in intensity units."""
+         iterations: int = 10, jitter: float = 0.0) -> tuple[jax.Array, jax.Array]:
+  """`(labels, centres)` of one image (`(H, W)` or `(D, H, W)`, values in [0, 1]): the
+  superpixel of every voxel, int32 `image.shape` in [0, number of centres), and the centres'
+  voxel coordinates `(number of centres, ndim)`; `compactness` in units of the image's
+  intensity range."""
   shape = image.shape
   ndim = len(shape)
   _, step, start = grid_step(shape, num_segments)
@@ -40,7 +42,6 @@ def slic(key: jax.Array, image: jax.Array, num_segments: int, compactness: float
   centres = jnp.asarray(initial) + jitter * step / 2 * jax.random.uniform(
       key, initial.shape, minval=-1.0, maxval=1.0)
   centres = jnp.clip(centres, 0, jnp.asarray(shape, jnp.float32) - 1)
-  values = image[tuple(jnp.round(centres).astype(jnp.int32).T)]
 
   # The candidates of each voxel: the centres that started within two grid cells of its own.
   coords = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1)
@@ -53,27 +54,36 @@ def slic(key: jax.Array, image: jax.Array, num_segments: int, compactness: float
   candidates = jnp.asarray(flat.reshape(-1, offsets.shape[0]), jnp.int32)
   valid = jnp.asarray(inside.reshape(-1, offsets.shape[0]))
   positions = jnp.asarray(coords.reshape(-1, ndim), jnp.float32)
-  intensities = image.reshape(-1)
+  # Distances on the image stretched to [0, 1], so that the compactness does not depend on
+  # its range (as scikit-image does).
+  low, high = jnp.min(image), jnp.max(image)
+  intensities = ((image - low) / jnp.maximum(high - low, 1e-12)).reshape(-1)
   num_centres = initial.shape[0]
+  # Every centre starts with the same intensity, so the first pass assigns by position alone
+  # (the grid's cells) and the intensities come in with the cells' means; scikit-image starts
+  # so, and centres on an edge then lose their voxels and are dropped, as there.
+  values = jnp.zeros(num_centres)
 
-  def assign(centres, values):
+  def assign(centres, values, alive):
     delta = positions[:, None, :] - centres[candidates]
     spatial = jnp.sum(jnp.square(delta), -1) / step ** 2
     colour = jnp.square((intensities[:, None] - values[candidates]) / compactness)
-    near = valid & jnp.all(jnp.abs(delta) <= 2 * step, -1)
+    near = valid & alive[candidates] & jnp.all(jnp.abs(delta) <= 2 * step, -1)
     distance = jnp.where(near, colour + spatial, jnp.inf)
     return jnp.take_along_axis(candidates, jnp.argmin(distance, -1)[:, None], -1)[:, 0]
 
   def update(state, _):
-    centres, values = state
-    labels = assign(centres, values)
+    centres, values, alive = state
+    labels = assign(centres, values, alive)
     counts = jax.ops.segment_sum(jnp.ones_like(intensities), labels, num_centres)
     sums = jax.ops.segment_sum(jnp.concatenate([positions, intensities[:, None]], -1), labels,
                                num_centres)
     means = sums / jnp.maximum(counts, 1)[:, None]
-    kept = (counts > 0)[:, None]
-    return (jnp.where(kept, means[:, :ndim], centres),
-            jnp.where(kept[:, 0], means[:, ndim], values)), None
+    alive = counts > 0  # a centre that lost every voxel is dropped, as in scikit-image
+    return (jnp.where(alive[:, None], means[:, :ndim], centres),
+            jnp.where(alive, means[:, ndim], values), alive), None
 
-  (centres, values), _ = jax.lax.scan(update, (centres, values), None, length=iterations)
-  return assign(centres, values).reshape(shape)
+  alive = jnp.ones(num_centres, bool)
+  (centres, values, alive), _ = jax.lax.scan(update, (centres, values, alive), None,
+                                             length=iterations)
+  return assign(centres, values, alive).reshape(shape), centres

@@ -46,7 +46,8 @@ from acis_jax.eval import metrics
 from acis_jax.spatial import appearance_uncertainty, label_consistency
 from acis_jax.train import losses
 from acis_jax.train.steps import (StepContext, apply_gradients, image_discriminator_loss,
-                                  patches, prepare_real, straight_through_one_hot)
+                                  image_generator_objective, patches, prepare_real,
+                                  straight_through_one_hot)
 
 MODES = ("policy_gradient", "backprop")
 # Running statistics the refinement carries in the train state (`Stage.extras`).
@@ -120,7 +121,7 @@ def running_variance(state, name: str, values: jax.Array, decay: float) -> jax.A
 
 def make_refine_step(ctx: StepContext) -> Callable:
   """The refinement step of the module docstring: `step(state, frozen, batch, key)`."""
-  refine, train, chain = ctx.refine, ctx.train, ctx.chain
+  refine, chain = ctx.refine, ctx.chain
   if refine.mode not in MODES:
     raise ValueError(f"refine.mode must be one of {MODES}, got {refine.mode!r}")
   generators = tuple(n for n in ctx.trained if n != "image_discriminator")
@@ -141,10 +142,9 @@ def make_refine_step(ctx: StepContext) -> Callable:
     """The images stage's generator objective and the annotation generator's supervised loss
     on the real batch; returns `(loss, (reconstruction, mse, adversarial))`."""
     reconstruction = chain.image(params, real_condition, key)
-    mse = losses.mse(reconstruction, image)
-    adversarial = losses.lsgan_generator_loss(ctx.net("image_discriminator", disc_params)(
-        jnp.concatenate([fake_image, fake_condition], -1)))
-    loss = train.reconstruction_weight * mse + train.adversarial_weight * adversarial
+    loss, mse, adversarial = image_generator_objective(
+        ctx, ctx.net("image_discriminator", disc_params), reconstruction, image, fake_image,
+        fake_condition)
     if labelled:
       loss += losses.dice_ce_loss(chain.label_logits(params, real_masks), labels,
                                   ctx.num_classes)

@@ -229,6 +229,18 @@ def image_discriminator_loss(disc: Callable, image, real_condition, fakes) -> ja
       disc(jnp.concatenate([image, real_condition], axis=-1)), disc(fake_input))
 
 
+def image_generator_objective(ctx: StepContext, disc: Callable, reconstruction, image, fake,
+                              fake_condition) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """pix2pix's generator objective: `(loss, mse, adversarial)`, the reconstruction's MSE to
+  the real image and the LSGAN term of the discriminator on (fake image, its condition),
+  weighted by `train.reconstruction_weight` and `train.adversarial_weight`. The images stage
+  trains on it, the refinement keeps it as its realism term."""
+  mse = losses.mse(reconstruction, image)
+  adversarial = losses.lsgan_generator_loss(disc(jnp.concatenate([fake, fake_condition], -1)))
+  return (ctx.train.reconstruction_weight * mse + ctx.train.adversarial_weight * adversarial,
+          mse, adversarial)
+
+
 def make_images_step(ctx: StepContext, finetune: bool) -> Callable:
   """Stage 2: pix2pix image generator vs a PatchGAN that sees image, pseudo-mask and labels.
 
@@ -237,8 +249,6 @@ def make_images_step(ctx: StepContext, finetune: bool) -> Callable:
   and keeps the reconstruction term on the real batch, which anchors the
   generator while it adapts; the discriminator sees the images of both conditions.
   """
-  train = ctx.train
-
   def step(state, frozen, batch, key):
     prep_key, gen_key, drop_key, fake_drop_key, patch_key = jax.random.split(key, 5)
     image, labels, masks = prepare_real(ctx, batch, prep_key)
@@ -255,12 +265,10 @@ def make_images_step(ctx: StepContext, finetune: bool) -> Callable:
     def generator_loss(params):
       reconstruction = generate(params, real_condition, drop_key)
       fake = reconstruction if not finetune else generate(params, fake_condition, fake_drop_key)
-      disc = ctx.net("image_discriminator", state.params["image_discriminator"])
-      adversarial = losses.lsgan_generator_loss(
-          disc(jnp.concatenate([fake, fake_condition], axis=-1)))
-      mse = losses.mse(reconstruction, image)
-      return train.reconstruction_weight * mse + train.adversarial_weight * adversarial, (
-          reconstruction, fake, mse, adversarial)
+      loss, mse, adversarial = image_generator_objective(
+          ctx, ctx.net("image_discriminator", state.params["image_discriminator"]),
+          reconstruction, image, fake, fake_condition)
+      return loss, (reconstruction, fake, mse, adversarial)
 
     (_, (reconstruction, fake, mse, adversarial)), grads = jax.value_and_grad(
         generator_loss, has_aux=True)(state.params["image_generator"])

@@ -24,7 +24,7 @@ import optax
 from acis_jax.data.augment import AugmentParams
 from acis_jax.data.patches import check_patch_shape
 from acis_jax.data.sources import Example, cases_digest, label_table, load_examples
-from acis_jax.pseudomask import PseudoMaskParams
+from acis_jax.synthesizers import pseudomask_params
 from acis_jax.rng import numpy_rng, step_key, stream_key
 from acis_jax.train import parallel, steps
 from acis_jax.train.checkpoint import save_state
@@ -104,7 +104,7 @@ _BOOKKEEPING = ("log_every", "checkpoint_every", "keep_checkpoints", "image_ever
 def model_fingerprint(config) -> dict[str, Any]:
   """What fixes the networks' shapes: enough for a job that only reads trained networks."""
   return {"image_shape": list(config.data.image_shape), "num_classes": config.data.num_classes,
-          "model": json.loads(config.model.to_json())}
+          "synthesizer": config.synthesizer, "model": json.loads(config.model.to_json())}
 
 
 def run_fingerprint(config, data: TrainingData) -> dict[str, Any]:
@@ -128,7 +128,7 @@ def step_context(config, stage: Stage) -> steps.StepContext:
   return steps.StepContext(
       chain=make_chain(config, (*stage.trained, *stage.frozen)), trained=stage.trained,
       optimizers={name: optimizer(name, stage.name, config) for name in stage.trained},
-      pseudomask=PseudoMaskParams.from_config(config.pseudomask),
+      pseudomask=pseudomask_params(config),
       augment=AugmentParams.from_config(config.augment), train=config.train,
       refine=config.refine,
       patch_shape=check_patch_shape(config.data.patch_shape, config.data.image_shape))
