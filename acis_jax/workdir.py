@@ -14,7 +14,8 @@ Every file a run reads or writes under `--workdir` is named here and nowhere els
     networks/grid.json             the grid synthetic volumes are written on, the label names
     synthetic/, synthetic_unrefined/   synthesized pairs (ACIS, ACIS-), swapped in whole
     synthetic_from_real/           the evaluation's ACIS pairs from real anatomy
-    synth_n<N>[_seed<S>]/          the evaluation's synthesizer trained on N cases (a workdir)
+    synth_n<N>[_seed<S>]/          the evaluation's synthesizer trained on N cases (a workdir);
+    <synthesizer>_n<N>[_seed<S>]/  the same for another config.synthesizer ("superpixel")
     eval/                          the evaluation's results
     nnunet/                        the export mode's nnU-Net dataset (unless export.out_dir)
     pseudomask/                    the pseudomask mode's maps and figures
@@ -205,10 +206,11 @@ class Workdir:
   def synthetic(self, arm: str = "acis") -> str:
     return self.path(SYNTHETIC_FOLDERS[arm])
 
-  def synthesizer(self, n: int, seed: int | None = None) -> "Workdir":
-    """The work directory of the evaluation's synthesizer trained on `n` real cases (with
-    `seed`: the one trained with that seed)."""
-    return Workdir(self.path(f"synth_n{n}" if seed is None else f"synth_n{n}_seed{seed}"))
+  def synthesizer(self, n: int, seed: int | None = None, name: str = "acis") -> "Workdir":
+    """The work directory of the evaluation's synthesizer `name` (`config.synthesizer`)
+    trained on `n` real cases (with `seed`: the one trained with that seed)."""
+    prefix = "synth" if name == "acis" else name
+    return Workdir(self.path(f"{prefix}_n{n}" if seed is None else f"{prefix}_n{n}_seed{seed}"))
 
   @property
   def eval(self) -> str:

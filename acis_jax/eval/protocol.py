@@ -9,6 +9,8 @@ seed, one network is trained per arm and scored on held-out real cases only:
                 (`acis_jax.synthesizers.synthseg`, `evaluate.synthseg`; no training);
   * "acis-":    the n real cases + M synthetic pairs from the synthesizer BEFORE refinement;
   * "acis":     the n real cases + M synthetic pairs from the refined synthesizer;
+  * "superpixel": the n real cases + M pairs of a V2UM2I-like synthesizer trained on them
+                (ACIS's stages on SLIC superpixel masks, `acis_jax.synthesizers`);
   * "acis-real": the n real cases + M pairs of the refined image generator painting fresh
                 pseudo-masks of the n real cases moved by random smooth diffeomorphisms, their
                 labels moved alike ("ACIS from real anatomy", `synthesize.source = "real"`);
@@ -219,26 +221,33 @@ def few_shot_subset(pool: Sequence[Example], n: int) -> list[Example]:
 # Synthetic data
 
 
-def synthesizer_dir(config, workdir: str, n: int, seed: int) -> Workdir:
-  """Where the synthesizer of size n for `seed` lives: one per seed
+# The arms whose pairs a trained synthesizer makes: arm -> (config.synthesizer, the folder of
+# its work directory, by SYNTHETIC_FOLDERS' arm names).
+TRAINED_ARMS = {"acis-": ("acis", "acis-"), "acis": ("acis", "acis"),
+                "acis-real": ("acis", "acis-real"), "superpixel": ("superpixel", "acis")}
+
+
+def synthesizer_dir(config, workdir: str, n: int, seed: int, name: str) -> Workdir:
+  """Where synthesizer `name` of size n for `seed` lives: one per seed
   (`evaluate.synthesizer_per_seed`, its variance then in the error bars) or one per n."""
   per_seed = config.evaluate.synthesizer_per_seed
-  return Workdir(workdir).synthesizer(n, seed if per_seed else None)
+  return Workdir(workdir).synthesizer(n, seed if per_seed else None, name)
 
 
 def ensure_synthetic(config, workdir: str, n: int, seed: int, examples: list[Example],
-                     arms: Sequence[str]) -> Workdir:
-  """The synthesizer's work directory (`synthesizer_dir`), with the synthetic folders of
-  `arms` (of SYNTHETIC_FOLDERS) made by a synthesizer trained on `examples`.
+                     name: str, folders: Sequence[str]) -> Workdir:
+  """The work directory of synthesizer `name` (`synthesizer_dir`), with its synthetic
+  `folders` (SYNTHETIC_FOLDERS' arm names) made by it trained on `examples`.
 
   Complete folders are used as they are; otherwise the synthesizer is trained (finished
   stages skipped, seeded by `seed` when there is one per seed) and the missing folders are
   written: ACIS and ACIS- by `synthesize` (`synthesize.source`), ACIS from real anatomy by
   `synthesize.write_from_real`.
   """
-  root = synthesizer_dir(config, workdir, n, seed)
+  root = synthesizer_dir(config, workdir, n, seed, name)
   count, labelled = config.synthesize.num_samples, config.data.num_classes > 0
-  missing = [arm for arm in arms if not synthetic_complete(root.synthetic(arm), count, labelled)]
+  missing = [arm for arm in folders
+             if not synthetic_complete(root.synthetic(arm), count, labelled)]
   if not missing:
     return root
   if not config.evaluate.train_synthesizer:
@@ -246,11 +255,12 @@ def ensure_synthetic(config, workdir: str, n: int, seed: int, examples: list[Exa
                      f"{[SYNTHETIC_FOLDERS[arm] for arm in missing]} lack some of "
                      f"synth_0000..synth_{count - 1:04d}, and evaluate.train_synthesizer=False")
   synth_config = config.copy_and_resolve_references()
+  synth_config.synthesizer = name
   if config.evaluate.synthesizer_per_seed:
     synth_config.seed = int(seed)
-  synth_config.synthesize.unrefined = True  # ACIS- is an arm
+  synth_config.synthesize.unrefined = "acis-" in folders
   synth_config.synthesize.quality = False   # the downstream table is this synthesizer's report
-  logging.info("[evaluate] training the synthesizer for n=%d (seed %d) on %s", n,
+  logging.info("[evaluate] training the %s synthesizer for n=%d (seed %d) on %s", name, n,
                synth_config.seed, [e.name for e in examples])
   trainer.train(synth_config, root.root, examples=examples)
   if {"acis", "acis-"} & set(missing):
@@ -413,14 +423,18 @@ def _check_settings(config) -> None:
 def training_sets(config, workdir: str, split: Split) -> dict[tuple[str, int, int], Cases]:
   """`(arm, n, seed) -> training cases` of every arm; trains the synthesizers it needs."""
   ev = config.evaluate
-  synthetic_arms = [arm for arm in ev.arms if arm in SYNTHETIC_FOLDERS]
+  synthesizers = {}  # name -> the folders the arms want of it
+  for arm in ev.arms:
+    if arm in TRAINED_ARMS:
+      name, folder = TRAINED_ARMS[arm]
+      synthesizers.setdefault(name, []).append(folder)
   sets = {}
   for n in map(int, ev.num_train):
     examples = few_shot_subset(split.pool, n)
     real = stack_cases(config, examples)
     for seed in map(int, ev.seeds):
-      root = (ensure_synthetic(config, workdir, n, seed, examples, synthetic_arms)
-              if synthetic_arms else None)
+      roots = {name: ensure_synthetic(config, workdir, n, seed, examples, name, folders)
+               for name, folders in synthesizers.items()}
       for arm in ev.arms:
         if arm == "baseline":
           sets[arm, n, seed] = real
@@ -430,9 +444,10 @@ def training_sets(config, workdir: str, split: Split) -> dict[tuple[str, int, in
               config.synthesize.num_samples, config.data.num_classes,
               SynthSegParams.from_config(ev.synthseg), images=real.images)
           sets[arm, n, seed] = _join(real, np.asarray(images), np.asarray(labels))
-        elif arm in SYNTHETIC_FOLDERS:
+        elif arm in TRAINED_ARMS:
+          name, folder = TRAINED_ARMS[arm]
           sets[arm, n, seed] = _join(real, *load_synthetic(
-              root.synthetic(arm), config.synthesize.num_samples, config))
+              roots[name].synthetic(folder), config.synthesize.num_samples, config))
   if "upper" in ev.arms:
     pool = stack_cases(config, split.pool)
     sets.update({("upper", len(split.pool), int(seed)): pool for seed in ev.seeds})

@@ -199,25 +199,28 @@ def test_synthetic_folders_are_checked(tmp_path):
     protocol.run(config, str(workdir))
 
 
-def test_each_seed_trains_a_synthesizer_on_only_those_n_slices(tmp_path, monkeypatch):
+def test_each_seed_trains_each_synthesizer_on_only_those_n_slices(tmp_path, monkeypatch):
   config = make_config(tmp_path, num_train=(2, 3), seeds=(0, 1), train_synthesizer=True,
-                       synthesizer_per_seed=True, arms=("acis", "acis-real"),
+                       synthesizer_per_seed=True, arms=("acis", "acis-real", "superpixel"),
                        segmentation=False, denoise_sigmas=(), superres_factors=(2,),
                        superres_nets=())
   workdir = tmp_path / "work"
   calls = []
 
+  def record(step, synth_config, root, examples):
+    calls.append((step, synth_config.synthesizer, root, synth_config.seed,
+                  [e.name for e in examples]))
+
   def fake_train(synth_config, root, examples):
-    calls.append(("train", root, synth_config.seed, [e.name for e in examples]))
+    record("train", synth_config, root, examples)
 
   def fake_synthesize(synth_config, root, examples):
-    assert synth_config.synthesize.unrefined  # ACIS- is an arm of the protocol
-    calls.append(("synthesize", root, synth_config.seed, [e.name for e in examples]))
-    for arm in ("acis", "acis-"):
-      write_fake_synthetic(Path(root) / protocol.SYNTHETIC_FOLDERS[arm], seed=0)
+    assert not synth_config.synthesize.unrefined  # ACIS- is not an arm here
+    record("synthesize", synth_config, root, examples)
+    write_fake_synthetic(Path(root) / protocol.SYNTHETIC_FOLDERS["acis"], seed=0)
 
   def fake_from_real(synth_config, root, examples):
-    calls.append(("from_real", root, synth_config.seed, [e.name for e in examples]))
+    record("from_real", synth_config, root, examples)
     write_fake_synthetic(Path(root) / protocol.SYNTHETIC_FOLDERS["acis-real"], seed=1)
 
   monkeypatch.setattr(protocol.trainer, "train", fake_train)
@@ -229,9 +232,15 @@ def test_each_seed_trains_a_synthesizer_on_only_those_n_slices(tmp_path, monkeyp
   for n in (2, 3):
     subset = [e.name for e in protocol.few_shot_subset(pool, n)]
     for seed in (0, 1):
-      root = str(workdir / f"synth_n{n}_seed{seed}")
-      expected += [(step, root, seed, subset) for step in ("train", "synthesize", "from_real")]
+      acis, superpixel = (str(workdir / f"{prefix}_n{n}_seed{seed}")
+                          for prefix in ("synth", "superpixel"))
+      expected += [(step, "acis", acis, seed, subset)
+                   for step in ("train", "synthesize", "from_real")]
+      expected += [(step, "superpixel", superpixel, seed, subset)
+                   for step in ("train", "synthesize")]
   assert calls == expected
+  rows = list(csv.DictReader(open(workdir / "eval" / "results.csv")))
+  assert {r["arm"] for r in rows} == {"acis", "acis-real", "superpixel"}
   # Complete folders are reused: a second run trains no synthesizer; a missing folder is
   # written without rewriting the others.
   calls.clear()
