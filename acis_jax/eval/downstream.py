@@ -16,8 +16,9 @@ Tasks (`Task`):
 Training: Adam (optax) on the parameters; the step is a pure function
 `(graphdef, state, batch, key) -> (state, loss)` under `jax.jit` with the state donated. Step k
 uses the key `fold_in(key, k)`: it draws the batch by index from the in-memory training arrays
-(without replacement when `batch_size <= n`; with real and synthetic cases, a fixed share of
-each batch from the real ones), then the augmentation and degradation keys.
+(without replacement when `batch_size <= n`; with real and synthetic cases, synthetic cases
+only, then real ones only, or a fixed share of each batch from the real ones), then the
+augmentation and degradation keys.
 Models have parameters only (no batch statistics), so a trained model is `graphdef + params`.
 """
 import dataclasses
