@@ -495,7 +495,7 @@ def run(config, workdir: str) -> None:
       for (arm, n, seed), train in sets.items():
         key = {"task": task_label(task), "net": net, "arm": arm, "n": n, "seed": int(seed),
                "net_config": ev.nets[net].to_dict(), "steps": ev.steps,
-               "batch_size": ev.batch_size,
+               "batch_size": ev.batch_size, "loss": downstream.LOSSES[task.is_segmentation],
                "learning_rate": learning_rate(task, ev), "augment": ev.augment.to_dict(),
                "nsd_tolerance_mm": ev.nsd_tolerance_mm, "test_seed": config.seed,
                "train_digest": train.digest(), "test_digest": test.digest()}

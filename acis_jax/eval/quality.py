@@ -146,7 +146,8 @@ def segmenters(config, workdir: Workdir, images: np.ndarray, labels: np.ndarray
   task, factory = _segmenter_factory(config)
   settings = {"steps": config.quality.segmenter_steps, "seed": config.seed,
               "unet": json.loads(config.evaluate.nets.unet.to_json()),
-              "learning_rate": config.evaluate.segmentation_learning_rate}
+              "learning_rate": config.evaluate.segmentation_learning_rate,
+              "loss": downstream.LOSSES[True]}
   sha = hashlib.sha1(json.dumps(settings, sort_keys=True).encode())
   sha.update(np.ascontiguousarray(images).tobytes())
   sha.update(np.ascontiguousarray(labels).tobytes())

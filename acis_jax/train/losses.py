@@ -79,11 +79,16 @@ def _check_logits_labels(logits: jax.Array, labels: jax.Array, num_classes: int)
     raise ValueError(f"labels must be integer class indices, got dtype {labels.dtype}")
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int) -> jax.Array:
-  """Mean softmax cross-entropy of logits `(b, *spatial, K)` against int labels `(b, *spatial)`."""
+def cross_entropy_map(logits: jax.Array, labels: jax.Array, num_classes: int) -> jax.Array:
+  """Softmax cross-entropy `(b, *spatial)` of logits `(b, *spatial, K)` against int labels."""
   _check_logits_labels(logits, labels, num_classes)
   log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  return -jnp.mean(jnp.take_along_axis(log_p, labels[..., None], axis=-1))
+  return -jnp.take_along_axis(log_p, labels[..., None], axis=-1)[..., 0]
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int) -> jax.Array:
+  """Mean softmax cross-entropy of logits `(b, *spatial, K)` against int labels `(b, *spatial)`."""
+  return jnp.mean(cross_entropy_map(logits, labels, num_classes))
 
 
 def soft_dice(logits: jax.Array, labels: jax.Array, num_classes: int, *,
