@@ -59,7 +59,7 @@ def test_distances():
 @pytest.fixture(scope="module")
 def report_setup(tmp_path_factory):
   config = load_config_file("experiments/smoke.py")
-  config.quality.segmenter_steps = 40
+  config.quality.segmenter_steps = 80
   config.evaluate.nets.unet.features = (4, 8, 16, 32)
   return config, Workdir(tmp_path_factory.mktemp("quality"))
 
