@@ -107,9 +107,11 @@ ARMS = tuple(report.ARM_TITLES)
 
 @dataclasses.dataclass(frozen=True)
 class Split:
-  """The real cases: the training pool (axial order for slices) and the held-out test set."""
+  """The real cases: the training pool (axial order for slices) and the held-out test set;
+  `by_patient`: the test set is whole patients that the pool lacks."""
   pool: list[Example]
   test: list[Example]
+  by_patient: bool = False
 
 
 def _with_band(data: Any, band: Sequence[float], num_slices: int) -> ml_collections.ConfigDict:
@@ -145,7 +147,7 @@ def _split_by_patient(pool: list[Example], test: list[Example], test_cases: tupl
                      "to train on")
   pool = [e for e in pool if _patient(e, is_2d) not in test_cases]
   test = [e for e in test if _patient(e, is_2d) in test_cases]
-  return Split(sorted(pool, key=_slice_key) if is_2d else pool, test)
+  return Split(sorted(pool, key=_slice_key) if is_2d else pool, test, by_patient=True)
 
 
 def load_split(config) -> Split:
@@ -190,7 +192,7 @@ def split_note(config, split: Split) -> str:
   is_2d = len(config.data.image_shape) == 2
   pool_patients = sorted({_patient(e, is_2d) for e in split.pool})
   test_patients = sorted({_patient(e, is_2d) for e in split.test})
-  if tuple(config.evaluate.test_cases) or (is_2d and config.evaluate.by_patient):
+  if split.by_patient:
     what = "axial slices" if is_2d else "volume(s)"
     return (f"Split by patient: training pool {len(split.pool)} {what} of {pool_patients}; "
             f"held-out test set {len(split.test)} {what} of the other patient(s) "
@@ -428,7 +430,7 @@ def training_sets(config, workdir: str, split: Split) -> dict[tuple[str, int, in
     if arm in TRAINED_ARMS:
       name, folder = TRAINED_ARMS[arm]
       synthesizers.setdefault(name, []).append(folder)
-  sets = {}
+  sets, loaded = {}, {}
   for n in map(int, ev.num_train):
     examples = few_shot_subset(split.pool, n)
     real = stack_cases(config, examples)
@@ -446,8 +448,11 @@ def training_sets(config, workdir: str, split: Split) -> dict[tuple[str, int, in
           sets[arm, n, seed] = _join(real, np.asarray(images), np.asarray(labels))
         elif arm in TRAINED_ARMS:
           name, folder = TRAINED_ARMS[arm]
-          sets[arm, n, seed] = _join(real, *load_synthetic(
-              roots[name].synthetic(folder), config.synthesize.num_samples, config))
+          path = roots[name].synthetic(folder)
+          if path not in loaded:  # one synthesizer for every seed: read its folders once
+            loaded[path] = _join(real, *load_synthetic(path, config.synthesize.num_samples,
+                                                       config))
+          sets[arm, n, seed] = loaded[path]
   if "upper" in ev.arms:
     pool = stack_cases(config, split.pool)
     sets.update({("upper", len(split.pool), int(seed)): pool for seed in ev.seeds})

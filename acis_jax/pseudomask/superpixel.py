@@ -21,10 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def grid_step(shape: tuple[int, ...], num_segments: int) -> tuple[float, int, int]:
-  """`(exact step, integer step, start)` of the initial grid of about `num_segments` centres."""
+def grid_step(shape: tuple[int, ...], num_segments: int) -> tuple[int, int]:
+  """`(step, start)` of the initial grid of about `num_segments` centres."""
   exact = (float(np.prod(shape)) / num_segments) ** (1.0 / len(shape))
-  return exact, max(int(round(exact)), 1), int(exact // 2)
+  return max(int(round(exact)), 1), int(exact // 2)
 
 
 def slic(key: jax.Array, image: jax.Array, num_segments: int, compactness: float = 0.1,
@@ -35,7 +35,7 @@ def slic(key: jax.Array, image: jax.Array, num_segments: int, compactness: float
   intensity range."""
   shape = image.shape
   ndim = len(shape)
-  _, step, start = grid_step(shape, num_segments)
+  step, start = grid_step(shape, num_segments)
   axes = [np.arange(start, size, step) for size in shape]
   grid_shape = tuple(len(a) for a in axes)
   initial = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, ndim).astype(np.float32)
