@@ -11,7 +11,7 @@ import ml_collections
 from acis_jax.data.augment import AugmentParams
 from acis_jax.data.nnunet import dataset_folder_name
 from acis_jax.pseudomask import PseudoMaskParams
-from acis_jax.synthesizers import SYNTHESIZERS
+from acis_jax.synthesizers import PSEUDO_MASK_METHODS, SYNTHESIZERS
 from acis_jax.synthesizers.synthseg import SynthSegParams
 from acis_jax.train.refine import MODES as REFINE_MODES
 from acis_jax.workdir import SYNTHETIC_FOLDERS
@@ -24,7 +24,7 @@ def base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.mode = "pseudomask"
   config.seed = 0
-  config.synthesizer = "acis"        # or "superpixel" (V2UM2I-like; acis_jax.synthesizers)
+  config.synthesizer = "acis"        # or superpixel, joint_gan, labels_first (acis_jax.synthesizers)
 
   config.data = ml_collections.ConfigDict()
   config.data.data_dir = ""          # nnU-Net folder; empty = the built-in sample below
@@ -196,6 +196,14 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     problems.append(str(e))
   if config.synthesizer not in SYNTHESIZERS:
     problems.append(f"synthesizer={config.synthesizer!r} (one of {list(SYNTHESIZERS)})")
+  elif not PSEUDO_MASK_METHODS[config.synthesizer]:
+    if config.data.num_classes < 2:
+      problems.append(f"synthesizer={config.synthesizer!r} draws label maps: it needs labels "
+                      f"(data.num_classes >= 2, got {config.data.num_classes})")
+    if config.synthesize.source != "generated":
+      problems.append(f"synthesize.source={config.synthesize.source!r} with synthesizer="
+                      f"{config.synthesizer!r}, which has no pseudo-masks to paint real "
+                      "anatomy from ('generated' only)")
   if config.refine.mode not in REFINE_MODES:
     problems.append(f"refine.mode={config.refine.mode!r} (one of {list(REFINE_MODES)})")
   if config.synthesize.source not in SYNTHESIS_SOURCES:
@@ -226,7 +234,8 @@ def evaluate_config() -> ml_collections.ConfigDict:
   ev = ml_collections.ConfigDict()
   ev.num_train = (4, 8, 16)         # few-shot sizes n (each <= the training pool)
   ev.arms = ("baseline", "acis-", "acis", "upper")  # acis- = no refinement; + "synthseg",
-                                    # "acis-real" (ACIS painting moved real cases)
+                                    # "acis-real" (ACIS painting moved real cases),
+                                    # "superpixel", "joint_gan", "labels_first" (report.ARM_TITLES)
   ev.seeds = (0, 1, 2)
   ev.train_band = (0.2, 0.42)       # 2-D: axial band of the training pool (fractions)
   ev.test_band = (0.44, 0.64)       # 2-D: axial band of the test slices, disjoint from it

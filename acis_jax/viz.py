@@ -123,20 +123,23 @@ def display_plane(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, fl
 
 
 def contact_sheet(path: str, samples, affine, title: str) -> None:
-  """One row per sample `(name, pseudo-mask, labels or None, image)`: central axial planes."""
+  """One row per sample `(name, pseudo-mask or None, labels or None, image)`: central axial
+  planes (no pseudo-mask column for a synthesizer without pseudo-masks)."""
   has_labels = samples and samples[0][2] is not None
-  columns = ["pseudo-mask"] + (["labels"] if has_labels else []) + ["image"]
+  has_masks = samples and samples[0][1] is not None
+  columns = (["pseudo-mask"] if has_masks else []) + (["labels"] if has_labels else []) + [
+      "image"]
   # Rows as tall as the displayed planes (plus their titles): no blank bands between them.
-  plane, aspect = display_plane(np.asarray(samples[0][1], np.float32), affine)
+  plane, aspect = display_plane(np.asarray(samples[0][3], np.float32), affine)
   panel_height = 3.2 * aspect * plane.shape[0] / plane.shape[1] + 0.4
   fig, axes = plt.subplots(len(samples), len(columns), figsize=(3.2 * len(columns),
                                                                  panel_height * len(samples)),
                            squeeze=False)
   for row, (name, mask, labels, image) in zip(axes, samples):
-    planes = [mask] + ([labels] if has_labels else []) + [image]
-    for col, (ax, array, label) in enumerate(zip(row, planes, columns)):
+    planes = ([mask] if has_masks else []) + ([labels] if has_labels else []) + [image]
+    for ax, array, label in zip(row, planes, columns):
       plane, aspect = display_plane(np.asarray(array, np.float32), affine)
-      is_labels = has_labels and col == 1
+      is_labels = label == "labels"
       ax.imshow(plane, cmap="tab10" if is_labels else "gray", origin="lower", aspect=aspect,
                 interpolation="nearest", vmin=0, vmax=9 if is_labels else 1)
       ax.set_xticks([])

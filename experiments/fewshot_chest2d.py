@@ -40,8 +40,18 @@ held-out patients with `--config.evaluate.test_cases='("NAME",)'`.
 Outputs: WORKDIR/eval/{results.csv,table.md,significance.csv,plots/}; re-running resumes.
 Timing and result: see the README ("Across patients").
 
-Presets: `swap` (train on lobes_ct, test on chest_ct); `smoke` (two steps of everything, one
+Presets: `swap` (train on lobes_ct, test on chest_ct); `compare` (issue 14: the paper's
+comparison synthesizers beside ACIS at n = 4, below); `smoke` (two steps of everything, one
 net per task: the plumbing only).
+
+`compare`: the arms in the paper's order, Baseline, StyleGAN-like (`joint_gan`), MedGen3D-like
+(`labels_first`), V2UM2I-like (`superpixel`), SynthSeg-style (`synthseg`), ACIS-, ACIS and the
+upper bound (acis_jax.synthesizers says what each keeps of the original). Every trained
+synthesizer gets ACIS's generator budget, 1500 steps of batch 4 at this config's sizes: ACIS
+and V2UM2I-like 800 masks + 100 annotation fine-tuning + 400 images + 100 image fine-tuning
++ 100 refinement (plus 200 registration steps, which train no generator); StyleGAN-like 1500
+joint steps; MedGen3D-like 900 label-generator steps + 400 images + 200 image fine-tuning.
+SynthSeg-style trains nothing. n = 4 only, three seeds, one synthesizer per seed.
 """
 
 from acis_jax.config_utils import parse_presets
@@ -49,7 +59,7 @@ from acis_jax.defaults import base_config, fewshot_2d_on_cpu, fewshot_smoke
 
 
 def get_config(arg=None):
-  presets = parse_presets(arg, known=("swap", "smoke"))
+  presets = parse_presets(arg, known=("swap", "compare", "smoke"))
   config = fewshot_2d_on_cpu(base_config())
   config.data.sample = "chest,lobes"
   config.data.classes = ("heart", "left_lung", "right_lung")
@@ -69,6 +79,10 @@ def get_config(arg=None):
   ev.reconstruction_nets = ("resnet",)
   ev.nsd_tolerance_mm = 6.0    # about one 64x64 pixel of either CT
 
+  if "compare" in presets:
+    ev.num_train = (4,)
+    ev.arms = ("baseline", "joint_gan", "labels_first", "superpixel", "synthseg", "acis-",
+               "acis", "upper")
   if "swap" in presets:
     ev.test_cases = ("chest_ct",)
   if "smoke" in presets:

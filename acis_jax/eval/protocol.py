@@ -4,6 +4,10 @@ For every few-shot size n in `evaluate.num_train`, every downstream task and net
 seed, one network is trained per arm and scored on held-out real cases only:
 
   * "baseline": the n real training cases;
+  * "joint_gan": the n real cases + M pairs of a StyleGAN-like synthesizer trained on them
+                (image and labels drawn together from noise, `acis_jax.synthesizers`);
+  * "labels_first": the n real cases + M pairs of a MedGen3D-like synthesizer trained on them
+                (a label map from noise, then an image painted from the labels alone);
   * "synthseg": the n real cases + M SynthSeg-style pairs painted on their label maps, the
                 body (from their images) as a generation-only label
                 (`acis_jax.synthesizers.synthseg`, `evaluate.synthseg`; no training);
@@ -226,7 +230,8 @@ def few_shot_subset(pool: Sequence[Example], n: int) -> list[Example]:
 # The arms whose pairs a trained synthesizer makes: arm -> (config.synthesizer, the folder of
 # its work directory, by SYNTHETIC_FOLDERS' arm names).
 TRAINED_ARMS = {"acis-": ("acis", "acis-"), "acis": ("acis", "acis"),
-                "acis-real": ("acis", "acis-real"), "superpixel": ("superpixel", "acis")}
+                "acis-real": ("acis", "acis-real"), "superpixel": ("superpixel", "acis"),
+                "joint_gan": ("joint_gan", "acis"), "labels_first": ("labels_first", "acis")}
 
 
 def synthesizer_dir(config, workdir: str, n: int, seed: int, name: str) -> Workdir:

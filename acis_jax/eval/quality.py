@@ -55,8 +55,10 @@ from acis_jax.models.registration import register
 from acis_jax.rng import stream_key
 from acis_jax.spatial import appearance_uncertainty, label_consistency
 from acis_jax.spatial.jacobian import jacobian_determinant
+from acis_jax.synthesizers import pairs_title
 from acis_jax.train.checkpoint import restore_state, save_state
 from acis_jax.train.networks import abstract_params, load_network
+from acis_jax.train.stages import stages
 from acis_jax.train.trainer import load_training_data, run_fingerprint
 from acis_jax.viz import save_figure
 from acis_jax.workdir import (SYNTHETIC_FOLDERS, Workdir, read_json, write_json_atomically,
@@ -384,7 +386,7 @@ def write_reports(config, workdir: Workdir, paired_arms: bool = False,
   real_images = data.images[..., 0]
   real_labels = data.labels
   registration = passes = None
-  if config.train.registration_steps:
+  if config.train.registration_steps and any(s.name == "registration" for s in stages(config)):
     graphdef = abstract_params("registration", config)[0]
     params = load_network(workdir, "registration", "registration", config)
     forward = jax.jit(lambda p, moving, fixed: nnx.merge(graphdef, p)(moving, fixed))
@@ -400,7 +402,8 @@ def write_reports(config, workdir: Workdir, paired_arms: bool = False,
     images, labels = pairs[arm]
     result = report(config, workdir, real_images, real_labels, images[..., 0], labels,
                     registration)
-    title = f"{arm.upper()}: synthetic pairs against the real training cases"
+    title = (f"{pairs_title(config.synthesizer, arm)}: synthetic pairs against the real "
+             "training cases")
     text = markdown(result, labels_named, title)
     if arm == "acis" and paired_arms and passes is not None and len(folders) == 2:
       result["refinement"] = refinement_effect(
@@ -411,7 +414,7 @@ def write_reports(config, workdir: Workdir, paired_arms: bool = False,
     write_text_atomically(os.path.join(folder, "quality.md"), text)
     figure(os.path.join(folder, "quality.png"), result, title)
     logging.info("[quality %s] high-frequency energy %.3g (real %.3g), %d copies; wrote %s/"
-                 "quality.{json,md,png}", arm.upper(), result["texture"]["synthetic"],
+                 "quality.{json,md,png}", pairs_title(config.synthesizer, arm), result["texture"]["synthetic"],
                  result["texture"]["real"], result["memorisation"]["copies"], folder)
 
 

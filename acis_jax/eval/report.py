@@ -41,9 +41,10 @@ from acis_jax.eval.statistics import wilcoxon_greater  # noqa: E402
 
 COLUMNS = ("arm", "n", "net", "task", "seed", "case", "metric", "value")
 # Every arm of the protocol, in the paper's column order.
-ARM_TITLES = {"baseline": "Baseline", "superpixel": "V2UM2I-like", "synthseg": "SynthSeg-style",
-              "acis-": "ACIS-",
-              "acis": "ACIS", "acis-real": "ACIS from real", "upper": "Upper bound"}
+ARM_TITLES = {"baseline": "Baseline", "joint_gan": "StyleGAN-like",
+              "labels_first": "MedGen3D-like", "superpixel": "V2UM2I-like",
+              "synthseg": "SynthSeg-style", "acis-": "ACIS-", "acis": "ACIS",
+              "acis-real": "ACIS from real", "upper": "Upper bound"}
 REFERENCE_ARM = "upper"   # shown, never bold, never tested against
 TESTED_ARM = "acis"       # the arm that earns a '*'
 

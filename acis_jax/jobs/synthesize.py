@@ -36,7 +36,7 @@ from acis_jax.rng import stream_key
 from acis_jax.spatial import register_labels, warp
 from acis_jax.train.networks import load_network
 from acis_jax.train.stages import generator_sources
-from acis_jax.synthesizers import pseudomask_params
+from acis_jax.synthesizers import pairs_title, pseudomask_params
 from acis_jax.train.trainer import (TrainingData, load_training_data, make_chain,
                                     model_fingerprint, run_fingerprint)
 from acis_jax.viz import contact_sheet
@@ -118,6 +118,7 @@ def write_pairs(config, workdir: Workdir, arm: str, cases) -> None:
   settings = config.synthesize
   key = stream_key(config.seed, "synthesize")  # the same for ACIS and ACIS-
   final = workdir.synthetic(arm)
+  title = pairs_title(config.synthesizer, arm)
   sheet = []
   with replaced_folder(final) as out_dir:
     for start in range(0, settings.num_samples, settings.batch_size):
@@ -131,16 +132,16 @@ def write_pairs(config, workdir: Workdir, arm: str, cases) -> None:
         if labels is not None:
           save_nifti(label_file(out_dir, name), labels[i].astype(np.uint8), affine)
         if len(sheet) < 6:
-          sheet.append((name, masks[i, ..., 0], None if labels is None else labels[i],
-                        images[i, ..., 0]))
-      logging.info("[synthesize %s] %d/%d pairs made", arm.upper(), start + size,
+          sheet.append((name, None if masks is None else masks[i, ..., 0],
+                        None if labels is None else labels[i], images[i, ..., 0]))
+      logging.info("[synthesize %s] %d/%d pairs made", title, start + size,
                    settings.num_samples)
     if config.data.num_classes:
       write_dataset_json(out_dir, run_labels(grid, config.data.num_classes),
-                         settings.num_samples, f"acis-jax {arm.upper()} synthetic pairs")
+                         settings.num_samples, f"acis-jax {title} synthetic pairs")
     contact_sheet(os.path.join(out_dir, "contact_sheet.png"), sheet, affine,
-                  title=f"{arm.upper()}: synthetic pairs")
-  logging.info("[synthesize %s] wrote %s", arm.upper(), final)
+                  title=f"{title}: synthetic pairs")
+  logging.info("[synthesize %s] wrote %s", title, final)
 
 
 def write_from_real(config, workdir: str, examples: list[Example] | None = None) -> None:

@@ -1,16 +1,31 @@
 """The synthesizers `config.synthesizer` names, and what each changes in the one pipeline.
 
-  "acis"        the paper's (default): density-sampled Voronoi pseudo-masks (sec 2.1), the
-                mask, annotation and image generators, the registration-reward refinement.
-  "superpixel"  V2UM2I-like (Chen et al. [11] of the paper): the same stages, networks and
-                sampling, with each pseudo-mask an unsupervised SLIC superpixel mask, its
-                cells filled with their mean intensity (`acis_jax.pseudomask.superpixel`).
-                What it keeps of V2UM2I: the unsupervised, intensity-and-position mask that
-                the image generator paints from; what it drops: V2UM2I's own networks and
-                losses (ours are ACIS's, so the arm tests the pseudo-mask alone).
+  "acis"          the paper's (default): density-sampled Voronoi pseudo-masks (sec 2.1), the
+                  mask, annotation and image generators, the registration-reward refinement.
+  "superpixel"    V2UM2I-like (Chen et al. [11] of the paper): the same stages, networks and
+                  sampling, with each pseudo-mask an unsupervised SLIC superpixel mask, its
+                  cells filled with their mean intensity (`acis_jax.pseudomask.superpixel`).
+                  What it keeps of V2UM2I: the unsupervised, intensity-and-position mask that
+                  the image generator paints from; what it drops: V2UM2I's own networks and
+                  losses (ours are ACIS's, so the arm tests the pseudo-mask alone).
+  "joint_gan"     StyleGAN-like ([27] of the paper): one generator draws an image and its label
+                  map together from noise (one decoder, an image channel and label logits),
+                  judged together by one WGAN-GP critic; no pseudo-mask, no annotation stage,
+                  no refinement. What it keeps of StyleGAN: an unconditional GAN from noise to
+                  the pair; what it drops: the mapping network, style-modulated convolutions and
+                  progressive growth (our mask generator's plain decoder instead, affordable on
+                  a CPU), so the arm tests the anatomy priors (pseudo-mask, annotation stage).
+  "labels_first"  MedGen3D-like ([9] of the paper): a label-map generator from noise (WGAN-GP),
+                  then a pix2pix image generator conditioned on the label map alone; no
+                  pseudo-mask, no refinement. What it keeps of MedGen3D: labels first, then the
+                  image painted from them; what it drops: its diffusion model for the label
+                  sequences and SPADE normalisation (the labels enter the U-Net as input
+                  channels, as ACIS's do), so the arm tests the pseudo-mask against label-only
+                  conditioning.
 
-SynthSeg-style pairs (`synthesizers.synthseg`) need no training and are drawn by the
-evaluation protocol itself (arm "synthseg").
+Every trained synthesizer gets the same generator budget: the steps of ACIS's generator stages
+(`acis_jax.train.stages`). SynthSeg-style pairs (`synthesizers.synthseg`) need no training and
+are drawn by the evaluation protocol itself (arm "synthseg").
 """
 
 from __future__ import annotations
@@ -19,13 +34,29 @@ import dataclasses
 
 from acis_jax.pseudomask import PseudoMaskParams
 
-# Each trained synthesizer and the pseudo-mask method it uses.
-PSEUDO_MASK_METHODS = {"acis": "voronoi", "superpixel": "superpixel"}
+# Each trained synthesizer and the pseudo-mask method it paints from (None: none).
+PSEUDO_MASK_METHODS = {"acis": "voronoi", "superpixel": "superpixel", "joint_gan": None,
+                       "labels_first": None}
 SYNTHESIZERS = tuple(PSEUDO_MASK_METHODS)
+
+
+def uses_pseudo_masks(config) -> bool:
+  """Whether `config.synthesizer` paints its images from pseudo-masks (ACIS's chain)."""
+  return PSEUDO_MASK_METHODS[config.synthesizer] is not None
 
 
 def pseudomask_params(config) -> PseudoMaskParams:
   """The pseudo-mask settings of `config.pseudomask` with the method of
-  `config.synthesizer`."""
+  `config.synthesizer` (Voronoi for a synthesizer without pseudo-masks, which makes none)."""
   params = PseudoMaskParams.from_config(config.pseudomask)
-  return dataclasses.replace(params, method=PSEUDO_MASK_METHODS[config.synthesizer])
+  return dataclasses.replace(params, method=PSEUDO_MASK_METHODS[config.synthesizer] or "voronoi")
+
+
+def pairs_title(synthesizer: str, arm: str) -> str:
+  """How the pairs of synthetic folder `arm` (`acis_jax.workdir.SYNTHETIC_FOLDERS`) of a
+  `synthesizer` are named in titles, logs and dataset.json: "ACIS", "ACIS-", "ACIS-REAL" for
+  ACIS's, the synthesizer's name otherwise."""
+  if synthesizer == "acis":
+    return arm.upper()
+  return {"acis": synthesizer, "acis-": f"{synthesizer} unrefined",
+          "acis-real": f"{synthesizer} from real"}[arm]

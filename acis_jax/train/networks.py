@@ -16,6 +16,7 @@ from flax import nnx
 from acis_jax.models import (AnnotationGenerator, Critic, ImageGenerator, MaskGenerator,
                              PatchDiscriminator, RegistrationNet)
 from acis_jax.rng import stream_key
+from acis_jax.synthesizers import uses_pseudo_masks
 from acis_jax.train.checkpoint import restore_state
 from acis_jax.workdir import Workdir
 
@@ -34,12 +35,24 @@ def build_network(name: str, config, rngs: nnx.Rngs) -> nnx.Module:
   shape = tuple(config.data.image_shape)
   ndim = len(shape)
   num_classes = config.data.num_classes
+  # The image generator's condition: the pseudo-mask (if the synthesizer has one) and labels.
+  mask_channels = int(uses_pseudo_masks(config))
   common = dict(dtype=_dtype(model), rngs=rngs)
+  noise_decoder = dict(features=model.mask_generator_features, remat=model.remat, **common)
   if name == "mask_generator":
-    return MaskGenerator(model.latent_dim, shape, features=model.mask_generator_features,
-                         remat=model.remat, **common)
+    return MaskGenerator(model.latent_dim, shape, **noise_decoder)
   if name == "mask_critic":
     return Critic(1, shape, features=model.critic_features, **common)
+  if name == "joint_generator":  # image channel, then label logits
+    return MaskGenerator(model.latent_dim, shape, out_channels=1 + num_classes, sigmoid=False,
+                         **noise_decoder)
+  if name == "joint_critic":
+    return Critic(1 + num_classes, shape, features=model.critic_features, **common)
+  if name == "label_generator":
+    return MaskGenerator(model.latent_dim, shape, out_channels=num_classes, sigmoid=False,
+                         **noise_decoder)
+  if name == "label_critic":
+    return Critic(num_classes, shape, features=model.critic_features, **common)
   if name == "annotation_generator":
     return AnnotationGenerator(num_classes, ndim, features=model.annotation_features,
                                remat=model.remat, **common)
@@ -48,9 +61,10 @@ def build_network(name: str, config, rngs: nnx.Rngs) -> nnx.Module:
                               **common)
   if name == "image_generator":
     return ImageGenerator(num_classes, ndim, features=model.image_features,
-                          dropout=model.image_dropout, remat=model.remat, **common)
+                          dropout=model.image_dropout, with_mask=bool(mask_channels),
+                          remat=model.remat, **common)
   if name == "image_discriminator":
-    return PatchDiscriminator(2 + num_classes, ndim, features=model.discriminator_features,
+    return PatchDiscriminator(1 + mask_channels + num_classes, ndim, features=model.discriminator_features,
                               **common)
   if name == "registration":
     return RegistrationNet(ndim, features=model.registration_features,
@@ -61,7 +75,8 @@ def build_network(name: str, config, rngs: nnx.Rngs) -> nnx.Module:
 
 
 NETWORKS = ("mask_generator", "mask_critic", "annotation_generator", "label_discriminator",
-            "image_generator", "image_discriminator", "registration")
+            "image_generator", "image_discriminator", "registration", "joint_generator",
+            "joint_critic", "label_generator", "label_critic")
 
 
 def init_networks(names, config, seed: int) -> tuple[dict, dict]:

@@ -45,9 +45,9 @@ import optax
 from acis_jax.eval import metrics
 from acis_jax.spatial import appearance_uncertainty, label_consistency
 from acis_jax.train import losses
+from acis_jax.train.generation import straight_through_one_hot
 from acis_jax.train.steps import (StepContext, apply_gradients, image_discriminator_loss,
-                                  image_generator_objective, patches, prepare_real,
-                                  straight_through_one_hot)
+                                  image_generator_objective, patches, prepare_real)
 
 MODES = ("policy_gradient", "backprop")
 # Running statistics the refinement carries in the train state (`Stage.extras`).

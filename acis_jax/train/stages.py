@@ -11,6 +11,14 @@ derived from it: the networks a stage reads frozen and which stage made each
   registration  the registration net on pairs of real images (sec 2.3)
   refine        annotation and image generators refined by the registration reward (sec 2.3),
                 the image discriminator trained alongside
+
+The comparison synthesizers (`acis_jax.synthesizers`) have tables of their own, with the same
+generator budget as ACIS's (every step of its generator stages: masks, annotation
+fine-tuning, images, image fine-tuning, refinement):
+  joint_gan     joint         image-and-labels generator vs WGAN-GP critic, the whole budget
+  labels_first  labels        label generator vs WGAN-GP critic (ACIS's masks-stage steps)
+                images        pix2pix on the labels alone, then fine-tuning on generated labels
+                              (ACIS's images-stage steps, the fine-tuning also its refinement's)
 """
 
 from __future__ import annotations
@@ -19,10 +27,13 @@ import dataclasses
 import functools
 from typing import Callable
 
+from acis_jax.synthesizers import uses_pseudo_masks
 from acis_jax.train import refine, steps
 
-# The generation chain, in order (`acis_jax.train.generation`).
-GENERATORS = ("mask_generator", "annotation_generator", "image_generator")
+# The generators a synthesizer samples from (`acis_jax.train.generation`): ACIS's chain in
+# order, then the comparison synthesizers'.
+GENERATORS = ("mask_generator", "annotation_generator", "image_generator", "label_generator",
+              "joint_generator")
 REFINE = "refine"
 
 
@@ -48,12 +59,33 @@ class Stage:
     return sum(n for n, _ in self.phases)
 
 
-def stages(config) -> list[Stage]:
-  """The stages of a run of `config`, in order (label-free runs have no annotation stage)."""
+def _comparison_table(config) -> list[Stage]:
+  """The stages of a comparison synthesizer (module docstring)."""
+  train = config.train
+  before_images = train.masks_steps + train.annotation_finetune_steps
+  if config.synthesizer == "joint_gan":
+    budget = (before_images + train.images_steps + train.images_finetune_steps
+              + config.refine.steps)
+    return [Stage("joint", ("joint_generator", "joint_critic"),
+                  ((budget, functools.partial(steps.make_noise_gan_step,
+                                              generator="joint_generator")),))]
+  return [
+      Stage("labels", ("label_generator", "label_critic"),
+            ((before_images, functools.partial(steps.make_noise_gan_step,
+                                               generator="label_generator")),)),
+      Stage("images", ("image_generator", "image_discriminator"),
+            ((train.images_steps, functools.partial(steps.make_images_step, finetune=False)),
+             (train.images_finetune_steps + config.refine.steps,
+              functools.partial(steps.make_images_step, finetune=True))),
+            reads=("label_generator",))]
+
+
+def _acis_table(config) -> list[Stage]:
+  """ACIS's stages (module docstring; label-free runs have no annotation generator)."""
   train = config.train
   labelled = config.data.num_classes > 0
   annotation = ("annotation_generator",) if labelled else ()
-  table = [
+  return [
       Stage("masks", ("mask_generator", "mask_critic") + annotation
             + (("label_discriminator",) if labelled else ()),
             ((train.masks_steps, steps.make_masks_step),)
@@ -72,6 +104,11 @@ def stages(config) -> list[Stage]:
             continues=("image_generator", "image_discriminator") + annotation,
             extras=refine.EXTRAS),
   ]
+
+
+def stages(config) -> list[Stage]:
+  """The stages of a run of `config`, in order."""
+  table = _acis_table(config) if uses_pseudo_masks(config) else _comparison_table(config)
   derived = []
   for index, stage in enumerate(table):
     earlier = table[:index]

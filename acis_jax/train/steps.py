@@ -30,7 +30,7 @@ from acis_jax.data.patches import random_crops
 from acis_jax.pseudomask import PseudoMaskParams, pseudo_mask
 from acis_jax.spatial import folding_fraction, warp
 from acis_jax.train import losses
-from acis_jax.train.generation import Chain
+from acis_jax.train.generation import Chain, straight_through_one_hot
 from acis_jax.train.state import TrainState, apply_update
 
 
@@ -97,18 +97,14 @@ def generated_masks(ctx: StepContext, params: dict, size: int, key: jax.Array) -
 
 def generated_pairs(ctx: StepContext, frozen: dict, size: int, key: jax.Array):
   """Generated pseudo-masks (patches of them, with a patch shape) and hard labels (None when
-  label-free) from the stage-1 generators."""
+  label-free) from the stage-1 generators; for a synthesizer without pseudo-masks
+  (labels first), `(None, labels of the label generator)`."""
+  if not ctx.chain.uses_masks:
+    labels_key, patch_key = jax.random.split(key)
+    labels, = patches(ctx, patch_key, ctx.chain.generated_labels(frozen, labels_key, size))
+    return None, labels
   masks = generated_masks(ctx, frozen, size, key)
   return masks, ctx.chain.labels(frozen, masks)
-
-
-def straight_through_one_hot(logits: jax.Array) -> jax.Array:
-  """One-hot of the argmax forward, the softmax's gradient backward: what the label
-  discriminator sees of generated labels, hard like the real ones it is compared with (soft
-  fakes against one-hot reals are told apart by their values alone)."""
-  probs = jax.nn.softmax(logits)
-  hard = jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=probs.dtype)
-  return probs + jax.lax.stop_gradient(hard - probs)
 
 
 def annotation_update(ctx: StepContext, state: TrainState, masks, labels, generated,
@@ -145,6 +141,44 @@ def annotation_update(ctx: StepContext, state: TrainState, masks, labels, genera
   return state, {"annotation_loss": supervised, "label_discriminator_loss": disc_value}
 
 
+def wgan_update(ctx: StepContext, state: TrainState, real: jax.Array, key: jax.Array,
+                generator: str, critic: str) -> tuple[TrainState, dict]:
+  """One WGAN-GP update of `critic` on `real` samples against `generator`'s from noise
+  (`Chain.from_noise`), and of the generator once per `train.n_critic` critic updates."""
+  train = ctx.train
+  critic_z_key, generator_z_key, gp_key = jax.random.split(key, 3)
+  size = real.shape[0]
+  critic_z = jax.random.normal(critic_z_key, (size, ctx.chain.latent_dim))
+  # Fresh latents for the generator: on the critic's it would chase the scores the critic
+  # has just been fitted to.
+  generator_z = jax.random.normal(generator_z_key, (size, ctx.chain.latent_dim))
+
+  def fake(params, z):
+    return ctx.chain.from_noise(generator, {generator: params}, None, size, z=z)
+
+  def critic_loss(params):
+    return losses.wgan_gp_critic_loss(
+        ctx.net(critic, params), real,
+        jax.lax.stop_gradient(fake(state.params[generator], critic_z)), gp_key,
+        train.gradient_penalty)
+
+  critic_value, grads = jax.value_and_grad(critic_loss)(state.params[critic])
+  state, critic_norm = apply_gradients(ctx, state, critic, grads)
+
+  def generator_loss(params):
+    return losses.wgan_generator_loss(
+        ctx.net(critic, state.params[critic])(fake(params, generator_z)))
+
+  # The generator moves once per `n_critic` critic updates (WGAN-GP's schedule). Both
+  # outcomes are computed and one is kept: on XLA:CPU a lax.cond here cost 6x the step.
+  generator_value, grads = jax.value_and_grad(generator_loss)(state.params[generator])
+  updated, generator_norm = apply_gradients(ctx, state, generator, grads)
+  move = state.step % train.n_critic == 0
+  state = jax.tree.map(lambda new, old: jnp.where(move, new, old), updated, state)
+  return state, {"critic_loss": critic_value, f"{generator}_loss": generator_value,
+                 "critic_grad_norm": critic_norm, f"{generator}_grad_norm": generator_norm}
+
+
 def make_masks_step(ctx: StepContext, finetune: bool = False) -> Callable:
   """Stage 1: mask generator vs WGAN-GP critic; annotation generator, supervised + adversarial.
 
@@ -152,46 +186,13 @@ def make_masks_step(ctx: StepContext, finetune: bool = False) -> Callable:
   annotation generator, its adversarial term now also on labels of generated pseudo-masks:
   the masks it labels at synthesis, which it would otherwise never see.
   """
-  train = ctx.train
-
-  def gan_update(state, masks, key):
-    critic_z_key, generator_z_key, gp_key = jax.random.split(key, 3)
-    size = masks.shape[0]
-    critic_z = jax.random.normal(critic_z_key, (size, ctx.chain.latent_dim))
-    # Fresh latents for the generator: on the critic's it would chase the scores the critic
-    # has just been fitted to.
-    generator_z = jax.random.normal(generator_z_key, (size, ctx.chain.latent_dim))
-
-    def critic_loss(params):
-      critic = ctx.net("mask_critic", params)
-      fake = ctx.net("mask_generator", state.params["mask_generator"])(critic_z)
-      return losses.wgan_gp_critic_loss(critic, masks, jax.lax.stop_gradient(fake), gp_key,
-                                        train.gradient_penalty)
-
-    critic_value, grads = jax.value_and_grad(critic_loss)(state.params["mask_critic"])
-    state, critic_norm = apply_gradients(ctx, state, "mask_critic", grads)
-
-    def generator_loss(params):
-      fake = ctx.net("mask_generator", params)(generator_z)
-      return losses.wgan_generator_loss(ctx.net("mask_critic", state.params["mask_critic"])(fake))
-
-    # The generator moves once per `n_critic` critic updates (WGAN-GP's schedule). Both
-    # outcomes are computed and one is kept: on XLA:CPU a lax.cond here cost 6x the step.
-    generator_value, grads = jax.value_and_grad(generator_loss)(
-        state.params["mask_generator"])
-    updated, generator_norm = apply_gradients(ctx, state, "mask_generator", grads)
-    move = state.step % train.n_critic == 0
-    state = jax.tree.map(lambda new, old: jnp.where(move, new, old), updated, state)
-    return state, {"critic_loss": critic_value, "mask_generator_loss": generator_value,
-                   "critic_grad_norm": critic_norm, "mask_generator_grad_norm": generator_norm}
-
   def step(state, frozen, batch, key):
     del frozen
     prep_key, gan_key, drop_key, patch_key, generated_key = jax.random.split(key, 5)
     _, labels, masks = prepare_real(ctx, batch, prep_key)
     metrics = {}
     if not finetune:
-      state, metrics = gan_update(state, masks, gan_key)
+      state, metrics = wgan_update(ctx, state, masks, gan_key, "mask_generator", "mask_critic")
     if ctx.num_classes:
       generated = None
       if finetune:
@@ -201,6 +202,26 @@ def make_masks_step(ctx: StepContext, finetune: bool = False) -> Callable:
       state, annotation_metrics = annotation_update(ctx, state, masks, labels, generated,
                                                     drop_key)
       metrics |= annotation_metrics
+    return state.next_step(), metrics
+
+  return step
+
+
+def make_noise_gan_step(ctx: StepContext, generator: str) -> Callable:
+  """The comparison synthesizers' GAN from noise (`acis_jax.synthesizers`), WGAN-GP like the
+  mask GAN, on whole grids: `"label_generator"` (labels first) against one-hot real label
+  maps, `"joint_generator"` (joint GAN) against real images with their one-hot label maps
+  on the channel axis. Real cases augmented as everywhere else."""
+  critic = {"label_generator": "label_critic", "joint_generator": "joint_critic"}[generator]
+
+  def step(state, frozen, batch, key):
+    del frozen
+    prep_key, gan_key = jax.random.split(key)
+    image, labels, _ = prepare_real(ctx, batch, prep_key, with_masks=False)
+    real = ctx.chain.one_hot(labels)
+    if generator == "joint_generator":
+      real = jnp.concatenate([image, real], -1)
+    state, metrics = wgan_update(ctx, state, real, gan_key, generator, critic)
     return state.next_step(), metrics
 
   return step
@@ -251,7 +272,7 @@ def make_images_step(ctx: StepContext, finetune: bool) -> Callable:
   """
   def step(state, frozen, batch, key):
     prep_key, gen_key, drop_key, fake_drop_key, patch_key = jax.random.split(key, 5)
-    image, labels, masks = prepare_real(ctx, batch, prep_key)
+    image, labels, masks = prepare_real(ctx, batch, prep_key, with_masks=ctx.chain.uses_masks)
     image, labels, masks = patches(ctx, patch_key, image, labels, masks)
     real_condition = ctx.chain.condition(masks, labels)
     if finetune:

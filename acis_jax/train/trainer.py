@@ -121,7 +121,8 @@ def run_fingerprint(config, data: TrainingData) -> dict[str, Any]:
 
 def make_chain(config, names) -> Chain:
   return Chain(graphdefs={n: abstract_params(n, config)[0] for n in names},
-               num_classes=config.data.num_classes, latent_dim=config.model.latent_dim)
+               num_classes=config.data.num_classes, latent_dim=config.model.latent_dim,
+               synthesizer=config.synthesizer)
 
 
 def step_context(config, stage: Stage) -> steps.StepContext:
@@ -194,14 +195,19 @@ _PREVIEW_SAMPLES = 4
 
 def make_preview(config, stage: Stage, chain: Chain):
   """`preview(params) -> {kind: samples}` of the generators a stage has (trained or read),
-  from fixed latents so that TensorBoard shows them change; None for a stage without the
-  mask generator (registration)."""
+  from fixed latents so that TensorBoard shows them change; None for a stage without a
+  generator from noise (registration)."""
   has = set(stage.trained) | set(stage.frozen)
-  if "mask_generator" not in has:
-    return None
   key = stream_key(config.seed, "tensorboard")
+  if not has & {"mask_generator", "label_generator", "joint_generator"}:
+    return None
 
   def preview(params):
+    if not chain.uses_masks:  # the comparison synthesizers: labels, then images if made
+      if "label_generator" in has and "image_generator" not in has:
+        return {"labels": chain.generated_labels(params, key, _PREVIEW_SAMPLES)}
+      _, labels, images = chain.sample(params, key, _PREVIEW_SAMPLES)
+      return {"labels": labels, "image": images[..., 0]}
     masks = chain.masks(params, key, _PREVIEW_SAMPLES)
     labels = chain.labels(params, masks) if "annotation_generator" in has else None
     images = (chain.image(params, chain.condition(masks, labels), None)

@@ -201,7 +201,8 @@ def test_synthetic_folders_are_checked(tmp_path):
 
 def test_each_seed_trains_each_synthesizer_on_only_those_n_slices(tmp_path, monkeypatch):
   config = make_config(tmp_path, num_train=(2, 3), seeds=(0, 1), train_synthesizer=True,
-                       synthesizer_per_seed=True, arms=("acis", "acis-real", "superpixel"),
+                       synthesizer_per_seed=True,
+                       arms=("acis", "acis-real", "superpixel", "labels_first"),
                        segmentation=False, denoise_sigmas=(), superres_factors=(2,),
                        superres_nets=())
   workdir = tmp_path / "work"
@@ -232,15 +233,16 @@ def test_each_seed_trains_each_synthesizer_on_only_those_n_slices(tmp_path, monk
   for n in (2, 3):
     subset = [e.name for e in protocol.few_shot_subset(pool, n)]
     for seed in (0, 1):
-      acis, superpixel = (str(workdir / f"{prefix}_n{n}_seed{seed}")
-                          for prefix in ("synth", "superpixel"))
+      acis, superpixel, labels_first = (str(workdir / f"{prefix}_n{n}_seed{seed}")
+                                        for prefix in ("synth", "superpixel", "labels_first"))
       expected += [(step, "acis", acis, seed, subset)
                    for step in ("train", "synthesize", "from_real")]
-      expected += [(step, "superpixel", superpixel, seed, subset)
+      expected += [(step, name, root, seed, subset)
+                   for name, root in (("superpixel", superpixel), ("labels_first", labels_first))
                    for step in ("train", "synthesize")]
   assert calls == expected
   rows = list(csv.DictReader(open(workdir / "eval" / "results.csv")))
-  assert {r["arm"] for r in rows} == {"acis", "acis-real", "superpixel"}
+  assert {r["arm"] for r in rows} == {"acis", "acis-real", "superpixel", "labels_first"}
   # Complete folders are reused: a second run trains no synthesizer; a missing folder is
   # written without rewriting the others.
   calls.clear()

@@ -69,7 +69,11 @@ def network_inputs(name: str) -> tuple:
           "label_discriminator": (jnp.concatenate([image, labels], -1),),
           "image_generator": (image, labels),
           "image_discriminator": (jnp.concatenate([image, image, labels], -1),),
-          "registration": (image, image)}[name]
+          "registration": (image, image),
+          "joint_generator": (jnp.zeros((1, 8)),),
+          "joint_critic": (jnp.concatenate([image, labels], -1),),
+          "label_generator": (jnp.zeros((1, 8)),),
+          "label_critic": (labels,)}[name]
 
 
 def forward_jaxpr(name: str, dtype: str, remat: bool):
@@ -85,7 +89,8 @@ def test_every_network_follows_the_dtype_and_remat_settings(name):
   assert matmul_input_dtypes(both) == {"bfloat16"}
   # The U-Nets and the mask generator's decoder hold the full-resolution activations; the
   # discriminators work at half resolution and below and are not rematerialised.
-  if name not in ("mask_critic", "label_discriminator", "image_discriminator"):
+  if name not in ("mask_critic", "label_discriminator", "image_discriminator", "joint_critic",
+                  "label_critic"):
     assert count_remat(both) > count_remat(plain)
 
 

@@ -13,7 +13,7 @@ from flax import nnx
 from acis_jax.config_utils import load_config_file
 from acis_jax.data.phantom import chest_phantom
 from acis_jax.data.preprocess import window_hu
-from acis_jax.train import losses, steps
+from acis_jax.train import generation, losses, steps
 from acis_jax.train.generation import Chain
 from acis_jax.train.networks import init_networks
 from acis_jax.train.stages import stages
@@ -58,10 +58,10 @@ def stage_setup(name: str, config=None, chain_type=Chain):
 def test_straight_through_one_hot_is_hard_forward_and_softmax_backward():
   logits = jax.random.normal(jax.random.key(0), (2, 5, 4))
   weights = jax.random.normal(jax.random.key(1), (2, 5, 4))
-  hard = steps.straight_through_one_hot(logits)
+  hard = generation.straight_through_one_hot(logits)
   np.testing.assert_array_equal(hard, jax.nn.one_hot(jnp.argmax(logits, -1), 4))
   np.testing.assert_allclose(
-      jax.grad(lambda l: jnp.sum(weights * steps.straight_through_one_hot(l)))(logits),
+      jax.grad(lambda l: jnp.sum(weights * generation.straight_through_one_hot(l)))(logits),
       jax.grad(lambda l: jnp.sum(weights * jax.nn.softmax(l)))(logits), rtol=1e-5, atol=1e-7)
 
 

@@ -1,0 +1,71 @@
+"""The StyleGAN-like ("joint_gan") and MedGen3D-like ("labels_first") synthesizers: trained and
+sampled at smoke size in 2-D and 3-D, with ACIS's generator budget and no pseudo-masks."""
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from acis_jax.config_utils import load_config_file
+from acis_jax.defaults import check_config
+from acis_jax.jobs import synthesize
+from acis_jax.train import stages, trainer
+from acis_jax.workdir import Workdir
+
+NUM_CLASSES = 6  # the phantom's
+
+
+def generator_steps(config) -> int:
+  """Steps of the stages that train a generator (ACIS's registration stage trains none)."""
+  return sum(s.total_steps for s in stages.stages(config)
+             if any(n.endswith("_generator") for n in s.trained))
+
+
+@pytest.mark.parametrize("synthesizer", ["joint_gan", "labels_first"])
+def test_same_generator_budget_as_acis_and_no_pseudo_masks(synthesizer):
+  config = load_config_file("experiments/smoke.py")
+  acis = generator_steps(config)
+  config.synthesizer = synthesizer
+  assert generator_steps(config) == acis
+  table = stages.stages(config)
+  assert not {"mask_generator", "annotation_generator", "registration"} & {
+      n for s in table for n in s.trained}
+  for stage in table:
+    assert not trainer.step_context(config, stage).chain.uses_masks
+
+
+@pytest.mark.parametrize("synthesizer", ["joint_gan", "labels_first"])
+def test_refuses_real_anatomy_and_label_free_runs(synthesizer):
+  config = load_config_file("experiments/smoke.py")
+  config.synthesizer = synthesizer
+  config.synthesize.source = "real"
+  with pytest.raises(ValueError, match="no pseudo-masks"):
+    check_config(config)
+  config.synthesize.source = "generated"
+  config.data.num_classes = 0
+  with pytest.raises(ValueError, match="needs labels"):
+    check_config(config)
+
+
+@pytest.mark.parametrize("synthesizer,preset", [("joint_gan", None), ("labels_first", None),
+                                                ("joint_gan", "3d"), ("labels_first", "3d")])
+def test_trains_and_samples_valid_pairs(tmp_path, synthesizer, preset):
+  config = load_config_file("experiments/smoke.py", preset)
+  config.synthesizer = synthesizer
+  config.train.batch_size = 8  # a multiple of the 8 test devices
+  trainer.train(config, str(tmp_path))
+  synthesize.run(config, str(tmp_path))
+  workdir = Workdir(str(tmp_path))
+  with open(workdir.fingerprint) as f:
+    assert json.load(f)["synthesizer"] == synthesizer
+  for stage in stages.stages(config):
+    assert workdir.stage_done(stage.name)
+  folder = tmp_path / "synthetic"
+  images = sorted((folder / "imagesTr").iterdir())
+  labels = sorted((folder / "labelsTr").iterdir())
+  assert len(images) == len(labels) == config.synthesize.num_samples
+  for image, label in zip(images, labels):
+    hu, classes = np.asarray(nib.load(image).dataobj), np.asarray(nib.load(label).dataobj)
+    assert hu.shape == classes.shape == tuple(config.data.image_shape)
+    assert np.all(np.isfinite(hu)) and set(np.unique(classes)) <= set(range(NUM_CLASSES))
+  assert (folder / "contact_sheet.png").stat().st_size > 0
