@@ -24,7 +24,10 @@ def base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.mode = "pseudomask"
   config.seed = 0
-  config.synthesizer = "acis"        # or superpixel, joint_gan, labels_first (acis_jax.synthesizers)
+  config.synthesizer = "acis"        # or superpixel, joint_gan, labels_first, synthseg
+                                     # (acis_jax.synthesizers)
+  # The SynthSeg-style synthesizer's randomisation (synthesizer "synthseg", arm "synthseg").
+  config.synthseg = ml_collections.ConfigDict(dataclasses.asdict(SynthSegParams()))
 
   config.data = ml_collections.ConfigDict()
   config.data.data_dir = ""          # nnU-Net folder; empty = the built-in sample below
@@ -198,12 +201,17 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     problems.append(f"synthesizer={config.synthesizer!r} (one of {list(SYNTHESIZERS)})")
   elif not PSEUDO_MASK_METHODS[config.synthesizer]:
     if config.data.num_classes < 2:
-      problems.append(f"synthesizer={config.synthesizer!r} draws label maps: it needs labels "
+      problems.append(f"synthesizer={config.synthesizer!r} makes label maps: it needs labels "
                       f"(data.num_classes >= 2, got {config.data.num_classes})")
     if config.synthesize.source != "generated":
       problems.append(f"synthesize.source={config.synthesize.source!r} with synthesizer="
                       f"{config.synthesizer!r}, which has no pseudo-masks to paint real "
                       "anatomy from ('generated' only)")
+  if config.synthesizer == "synthseg" or "synthseg" in config.evaluate.arms:
+    try:
+      SynthSegParams.from_config(config.synthseg)
+    except ValueError as e:
+      problems.append(str(e))
   if config.refine.mode not in REFINE_MODES:
     problems.append(f"refine.mode={config.refine.mode!r} (one of {list(REFINE_MODES)})")
   if config.synthesize.source not in SYNTHESIS_SOURCES:
@@ -269,7 +277,6 @@ def evaluate_config() -> ml_collections.ConfigDict:
   ev.nsd_tolerance_mm = 2.0
   ev.alpha = 0.05                   # the '*' threshold of the one-sided Wilcoxon test
   ev.augment = ml_collections.ConfigDict(dataclasses.asdict(AugmentParams()))
-  ev.synthseg = ml_collections.ConfigDict(dataclasses.asdict(SynthSegParams()))  # its arm
 
   # Constructor arguments of each network (acis_jax.eval.seg_nets / recon_nets).
   ev.nets = ml_collections.ConfigDict()

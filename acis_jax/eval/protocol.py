@@ -10,7 +10,8 @@ seed, one network is trained per arm and scored on held-out real cases only:
                 (a label map from noise, then an image painted from the labels alone);
   * "synthseg": the n real cases + M SynthSeg-style pairs painted on their label maps, the
                 body (from their images) as a generation-only label
-                (`acis_jax.synthesizers.synthseg`, `evaluate.synthseg`; no training);
+                (`acis_jax.synthesizers.synthseg`, `config.synthseg`; no training: its
+                "synthesizer" only paints, into its own folder like the trained ones);
   * "acis-":    the n real cases + M synthetic pairs from the synthesizer BEFORE refinement;
   * "acis":     the n real cases + M synthetic pairs from the refined synthesizer;
   * "superpixel": the n real cases + M pairs of a V2UM2I-like synthesizer trained on them
@@ -96,8 +97,7 @@ from acis_jax.data.sources import Example, cases_digest, load_examples, parse_sl
 from acis_jax.eval import downstream, report
 from acis_jax.eval.nets import RECONSTRUCTION_NETS, SEGMENTATION_NETS, net_factory
 from acis_jax.jobs import synthesize
-from acis_jax.rng import stream_key
-from acis_jax.synthesizers.synthseg import SynthSegParams, synthseg_pairs
+from acis_jax.synthesizers import PSEUDO_MASK_METHODS
 from acis_jax.train import trainer
 from acis_jax.workdir import SYNTHETIC_FOLDERS, Workdir, write_json_atomically
 
@@ -231,7 +231,8 @@ def few_shot_subset(pool: Sequence[Example], n: int) -> list[Example]:
 # its work directory, by SYNTHETIC_FOLDERS' arm names).
 TRAINED_ARMS = {"acis-": ("acis", "acis-"), "acis": ("acis", "acis"),
                 "acis-real": ("acis", "acis-real"), "superpixel": ("superpixel", "acis"),
-                "joint_gan": ("joint_gan", "acis"), "labels_first": ("labels_first", "acis")}
+                "joint_gan": ("joint_gan", "acis"), "labels_first": ("labels_first", "acis"),
+                "synthseg": ("synthseg", "acis")}
 
 
 def synthesizer_dir(config, workdir: str, n: int, seed: int, name: str) -> Workdir:
@@ -417,11 +418,12 @@ def _check_settings(config) -> None:
                      f"and evaluate.synthetic_weight={ev.synthetic_weight} be > 0")
   if not ev.num_train and any(arm != "upper" for arm in ev.arms):
     raise ValueError("evaluate.num_train is empty but the arms need few-shot sizes")
-  if "synthseg" in ev.arms:
-    if config.data.num_classes < 2:
-      raise ValueError("evaluate.arms has 'synthseg', which paints label maps: it needs "
-                       f"labels (data.num_classes >= 2, got {config.data.num_classes})")
-    SynthSegParams.from_config(ev.synthseg)
+  label_only = [arm for arm in ev.arms
+                if arm in TRAINED_ARMS and not PSEUDO_MASK_METHODS[TRAINED_ARMS[arm][0]]]
+  if label_only and config.data.num_classes < 2:
+    raise ValueError(f"evaluate.arms has {label_only}, whose synthesizers make or paint label "
+                     f"maps: they need labels (data.num_classes >= 2, got "
+                     f"{config.data.num_classes})")
   if jax.process_count() > 1:
     raise ValueError("mode=evaluate runs in a single process; start it without "
                      "jax.distributed")
@@ -445,12 +447,6 @@ def training_sets(config, workdir: str, split: Split) -> dict[tuple[str, int, in
       for arm in ev.arms:
         if arm == "baseline":
           sets[arm, n, seed] = real
-        elif arm == "synthseg":
-          images, labels = synthseg_pairs(
-              stream_key(seed, f"evaluate/synthseg/n{n}"), real.labels,
-              config.synthesize.num_samples, config.data.num_classes,
-              SynthSegParams.from_config(ev.synthseg), images=real.images)
-          sets[arm, n, seed] = _join(real, np.asarray(images), np.asarray(labels))
         elif arm in TRAINED_ARMS:
           name, folder = TRAINED_ARMS[arm]
           path = roots[name].synthetic(folder)

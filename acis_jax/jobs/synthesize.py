@@ -3,7 +3,8 @@
 `synthesize.source` says where each pair starts (`make_sampler`): "generated", noise through
 the whole chain (sec 2.2); "real", a real training case moved by a random smooth
 diffeomorphism, whose labels are kept and whose image is new; "labels", a label map the user
-gives, onto which the nearest real case is registered.
+gives, onto which the nearest real case is registered. The SynthSeg-style synthesizer
+(`config.synthesizer = "synthseg"`) has no networks: it paints the run's real label maps.
 
 Writes `config.synthesize.num_samples` pairs into the work directory's synthetic folder
 (`acis_jax.workdir`) as an nnU-Net v2 raw dataset (`acis_jax.data.nnunet`):
@@ -37,6 +38,7 @@ from acis_jax.spatial import register_labels, warp
 from acis_jax.train.networks import load_network
 from acis_jax.train.stages import generator_sources
 from acis_jax.synthesizers import pairs_title, pseudomask_params
+from acis_jax.synthesizers.synthseg import SynthSegParams, synthseg_pairs
 from acis_jax.train.trainer import (TrainingData, load_training_data, make_chain,
                                     model_fingerprint, run_fingerprint)
 from acis_jax.viz import contact_sheet
@@ -50,9 +52,15 @@ def starting_cases(config, examples: list[Example] | None, workdir: Workdir):
   - "real": the run's training cases (checked against its fingerprint), to be moved by
     random diffeomorphisms of RMS `synthesize.deformation`;
   - "labels": the maps of `synthesize.labels_dir`, each with the real case that overlaps it
-    most registered onto it (`registered_cases`), not moved further.
+    most registered onto it (`registered_cases`), not moved further;
+  - the SynthSeg-style synthesizer, whatever the source: the run's training cases, whose label
+    maps it paints (its own deformation is `config.synthseg`'s).
   """
   settings = config.synthesize
+  if config.synthesizer == "synthseg":  # paints the run's label maps (no networks)
+    data = load_training_data(config, examples)
+    workdir.require_trained(run_fingerprint(config, data))
+    return data.images, data.labels, 0.0
   if settings.source == "generated":
     workdir.require_trained(model_fingerprint(config))
     return None
@@ -72,8 +80,18 @@ def make_sampler(config, cases=None):
   for pairs `start .. start + size - 1`: the chain of sec 2.2 from noise (`cases` None), or
   variants of `cases` (`starting_cases`; `Chain.variants`), pair k from case
   `k * n // num_samples` of the n, so each gets its share. The image generator's dropout is
-  on, as in pix2pix, as a source of variety."""
+  on, as in pix2pix, as a source of variety. The SynthSeg-style synthesizer paints label maps
+  of `cases` drawn at random (`synthseg_pairs`) and ignores the parameters."""
   settings = config.synthesize
+  if config.synthesizer == "synthseg":
+    images, labels, _ = cases
+    params = SynthSegParams.from_config(config.synthseg)
+
+    def paint(_, key, start, size):
+      images_out, labels_out = synthseg_pairs(key, labels, size, config.data.num_classes,
+                                              params, images=images)
+      return None, labels_out, images_out
+    return paint
   chain = make_chain(config, generator_sources(config, refined=True))
   if cases is None:
     chain_sample = jax.jit(chain.sample, static_argnames="size")
@@ -109,7 +127,7 @@ def write_pairs(config, workdir: Workdir, arm: str, cases) -> None:
   affine = np.asarray(grid["affine"])
   # Every process takes part in orbax's restore; process 0 alone samples and writes.
   sources = generator_sources(config, refined=arm != "acis-")
-  if cases is not None:
+  if cases is not None and sources:  # variants of real cases: the image generator alone
     sources = {"image_generator": sources["image_generator"]}
   params = {name: load_network(workdir, stage, name, config) for name, stage in sources.items()}
   if jax.process_index() != 0:

@@ -23,9 +23,13 @@
                   channels, as ACIS's do), so the arm tests the pseudo-mask against label-only
                   conditioning.
 
+  "synthseg"      SynthSeg-style domain randomisation (Billot et al. 2023): no networks; the
+                  run's real label maps deformed and painted with random intensities
+                  (`acis_jax.synthesizers.synthseg`, settings in `config.synthseg`). Its
+                  `train` trains nothing, its `synthesize` paints.
+
 Every trained synthesizer gets the same generator budget: the steps of ACIS's generator stages
-(`acis_jax.train.stages`). SynthSeg-style pairs (`synthesizers.synthseg`) need no training and
-are drawn by the evaluation protocol itself (arm "synthseg").
+(`acis_jax.train.stages`).
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from acis_jax.pseudomask import PseudoMaskParams
 
 # Each trained synthesizer and the pseudo-mask method it paints from (None: none).
 PSEUDO_MASK_METHODS = {"acis": "voronoi", "superpixel": "superpixel", "joint_gan": None,
-                       "labels_first": None}
+                       "labels_first": None, "synthseg": None}
 SYNTHESIZERS = tuple(PSEUDO_MASK_METHODS)
 
 

@@ -65,7 +65,7 @@ class SynthSegParams:
     for name in ("mean_range", "std_range"):
       low, high = getattr(params, name)
       if not 0.0 <= low <= high:
-        raise ValueError(f"evaluate.synthseg.{name}={getattr(params, name)}: need 0 <= low <= high")
+        raise ValueError(f"synthseg.{name}={getattr(params, name)}: need 0 <= low <= high")
     return params
 
 

@@ -19,6 +19,7 @@ fine-tuning, images, image fine-tuning, refinement):
   labels_first  labels        label generator vs WGAN-GP critic (ACIS's masks-stage steps)
                 images        pix2pix on the labels alone, then fine-tuning on generated labels
                               (ACIS's images-stage steps, the fine-tuning also its refinement's)
+  synthseg      (none)        paints the real label maps at synthesis; trains nothing
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ def _comparison_table(config) -> list[Stage]:
   """The stages of a comparison synthesizer (module docstring)."""
   train = config.train
   before_images = train.masks_steps + train.annotation_finetune_steps
+  if config.synthesizer == "synthseg":
+    return []
   if config.synthesizer == "joint_gan":
     budget = (before_images + train.images_steps + train.images_finetune_steps
               + config.refine.steps)

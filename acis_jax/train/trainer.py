@@ -110,7 +110,10 @@ def model_fingerprint(config) -> dict[str, Any]:
 def run_fingerprint(config, data: TrainingData) -> dict[str, Any]:
   """What makes a run: its data, shapes, widths, seed, step counts and training settings."""
   train = {k: v for k, v in json.loads(config.train.to_json()).items() if k not in _BOOKKEEPING}
-  return {**model_fingerprint(config),
+  # The SynthSeg-style synthesizer's settings are its whole run (it trains no network).
+  painted = ({"synthseg": json.loads(config.synthseg.to_json())}
+             if config.synthesizer == "synthseg" else {})
+  return {**model_fingerprint(config), **painted,
           "data": {"cases": list(data.names), "digest": data.digest()},
           "patch_shape": list(config.data.patch_shape), "seed": config.seed,
           "steps": {s.name: s.total_steps for s in stages(config)},
@@ -304,7 +307,9 @@ def train(config, workdir: str, examples: list[Example] | None = None) -> None:
   examples `config.data` names), after checking that `workdir` holds this run or none."""
   workdir = Workdir(workdir)
   mesh = parallel.make_mesh()
-  parallel.check_batch_size(config.train.batch_size, mesh)
+  table = stages(config)
+  if table:  # the SynthSeg-style synthesizer has no stage: no batch to split
+    parallel.check_batch_size(config.train.batch_size, mesh)
   data = load_training_data(config, examples)
   logging.info("Training on %d example(s) of shape %s, %d classes, %d device(s)",
                len(data.images), data.images.shape[1:-1], config.data.num_classes,
@@ -318,5 +323,5 @@ def train(config, workdir: str, examples: list[Example] | None = None) -> None:
           "affine": data.affine.tolist(), "image_shape": list(data.images.shape[1:-1]),
           "num_classes": config.data.num_classes, "cases": list(data.names),
           "labels": {str(k): v for k, v in label_table(config.data).items()}})
-    for stage in stages(config):
+    for stage in table:
       run_stage(stage, config, workdir, data, mesh)

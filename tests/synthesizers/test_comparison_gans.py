@@ -1,5 +1,6 @@
-"""The StyleGAN-like ("joint_gan") and MedGen3D-like ("labels_first") synthesizers: trained and
-sampled at smoke size in 2-D and 3-D, with ACIS's generator budget and no pseudo-masks."""
+"""The synthesizers without pseudo-masks: StyleGAN-like ("joint_gan") and MedGen3D-like
+("labels_first"), trained and sampled at smoke size in 2-D and 3-D with ACIS's generator
+budget; SynthSeg-style ("synthseg"), which trains nothing and paints the run's label maps."""
 import json
 
 import nibabel as nib
@@ -34,7 +35,7 @@ def test_same_generator_budget_as_acis_and_no_pseudo_masks(synthesizer):
     assert not trainer.step_context(config, stage).chain.uses_masks
 
 
-@pytest.mark.parametrize("synthesizer", ["joint_gan", "labels_first"])
+@pytest.mark.parametrize("synthesizer", ["joint_gan", "labels_first", "synthseg"])
 def test_refuses_real_anatomy_and_label_free_runs(synthesizer):
   config = load_config_file("experiments/smoke.py")
   config.synthesizer = synthesizer
@@ -48,7 +49,8 @@ def test_refuses_real_anatomy_and_label_free_runs(synthesizer):
 
 
 @pytest.mark.parametrize("synthesizer,preset", [("joint_gan", None), ("labels_first", None),
-                                                ("joint_gan", "3d"), ("labels_first", "3d")])
+                                                ("joint_gan", "3d"), ("labels_first", "3d"),
+                                                ("synthseg", None), ("synthseg", "3d")])
 def test_trains_and_samples_valid_pairs(tmp_path, synthesizer, preset):
   config = load_config_file("experiments/smoke.py", preset)
   config.synthesizer = synthesizer
@@ -69,3 +71,8 @@ def test_trains_and_samples_valid_pairs(tmp_path, synthesizer, preset):
     assert hu.shape == classes.shape == tuple(config.data.image_shape)
     assert np.all(np.isfinite(hu)) and set(np.unique(classes)) <= set(range(NUM_CLASSES))
   assert (folder / "contact_sheet.png").stat().st_size > 0
+  if synthesizer == "synthseg":  # the real label maps, deformed: no new classes
+    real = trainer.load_training_data(config).labels
+    painted = np.stack([np.asarray(nib.load(f).dataobj) for f in labels])
+    assert set(np.unique(painted)) <= set(np.unique(real))
+    assert [p.name for p in (tmp_path / "networks").iterdir()] == ["grid.json"]  # no network
