@@ -52,9 +52,9 @@ ESTIMATORS = {"paper": {"mode": "policy_gradient", "actions": 1, "noise_factor":
 def training_data(config, n):
   if not n:
     return trainer.load_training_data(config)
-  from acis_jax.eval import protocol
+  from acis_jax.eval import splits
   return trainer.load_training_data(
-      config, protocol.few_shot_subset(protocol.load_split(config).pool, n))
+      config, splits.few_shot_subset(splits.load_split(config).pool, n))
 
 
 def estimates(config, workdir: Workdir, data, settings: dict, keys: int):

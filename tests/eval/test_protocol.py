@@ -17,7 +17,7 @@ import pytest
 from acis_jax.data.nifti import save_nifti
 from acis_jax.data.phantom import phantom_case
 from acis_jax.defaults import base_config
-from acis_jax.eval import downstream, protocol, report
+from acis_jax.eval import arms, downstream, protocol, report, splits
 
 NUM_CLASSES = 6       # the phantom's background + 5 structures
 SHAPE = (32, 32)
@@ -80,27 +80,27 @@ def z_index(name):
 
 def test_split_is_two_disjoint_bands_and_subsets_spread_over_the_pool(tmp_path):
   config = make_config(tmp_path)
-  split = protocol.load_split(config)
+  split = splits.load_split(config)
   pool = [z_index(e.name) for e in split.pool]
   test = [z_index(e.name) for e in split.test]
   assert len(pool) == POOL and len(test) == TEST
   assert pool == sorted(pool) and max(pool) < min(test)
   assert 0.2 * 39 <= min(pool) and max(test) <= 0.8 * 39  # inside the bands (40 slices)
   for n in range(1, POOL + 1):
-    subset = [pool.index(z_index(e.name)) for e in protocol.few_shot_subset(split.pool, n)]
+    subset = [pool.index(z_index(e.name)) for e in splits.few_shot_subset(split.pool, n)]
     # n distinct pool slices in order, the ends included, gaps within one of each other.
     assert len(set(subset)) == n and subset == sorted(subset)
     if n >= 2:
       gaps = np.diff(subset)
       assert subset[0] == 0 and subset[-1] == POOL - 1 and gaps.max() - gaps.min() <= 1
   with pytest.raises(ValueError, match="training pool holds 6"):
-    protocol.few_shot_subset(split.pool, 7)
+    splits.few_shot_subset(split.pool, 7)
 
 
 def test_overlapping_bands_are_refused(tmp_path):
   config = make_config(tmp_path, test_band=(0.4, 0.8))
   with pytest.raises(ValueError, match="overlap"):
-    protocol.load_split(config)
+    splits.load_split(config)
 
 
 def test_protocol_writes_every_arm_and_resumes(tmp_path, monkeypatch):
@@ -152,7 +152,7 @@ def test_protocol_writes_every_arm_and_resumes(tmp_path, monkeypatch):
     assert {(r["arm"], r["n"]) for r in task_rows} == runs
     assert {r["metric"] for r in task_rows} == metrics
     assert {r["seed"] for r in task_rows} == {"0"}
-  test_cases = {e.name for e in protocol.load_split(config).test}
+  test_cases = {e.name for e in splits.load_split(config).test}
   assert {r["case"] for r in rows} == test_cases
 
   with open(out / "environment.json") as f:
@@ -218,20 +218,20 @@ def test_each_seed_trains_each_synthesizer_on_only_those_n_slices(tmp_path, monk
   def fake_synthesize(synth_config, root, examples):
     assert not synth_config.synthesize.unrefined  # ACIS- is not an arm here
     record("synthesize", synth_config, root, examples)
-    write_fake_synthetic(Path(root) / protocol.SYNTHETIC_FOLDERS["acis"], seed=0)
+    write_fake_synthetic(Path(root) / arms.SYNTHETIC_FOLDERS["acis"], seed=0)
 
   def fake_from_real(synth_config, root, examples):
     record("from_real", synth_config, root, examples)
-    write_fake_synthetic(Path(root) / protocol.SYNTHETIC_FOLDERS["acis-real"], seed=1)
+    write_fake_synthetic(Path(root) / arms.SYNTHETIC_FOLDERS["acis-real"], seed=1)
 
-  monkeypatch.setattr(protocol.trainer, "train", fake_train)
-  monkeypatch.setattr(protocol.synthesize, "run", fake_synthesize)
-  monkeypatch.setattr(protocol.synthesize, "write_from_real", fake_from_real)
+  monkeypatch.setattr(arms.trainer, "train", fake_train)
+  monkeypatch.setattr(arms.synthesize, "run", fake_synthesize)
+  monkeypatch.setattr(arms.synthesize, "write_from_real", fake_from_real)
   protocol.run(config, str(workdir))
-  pool = protocol.load_split(config).pool
+  pool = splits.load_split(config).pool
   expected = []
   for n in (2, 3):
-    subset = [e.name for e in protocol.few_shot_subset(pool, n)]
+    subset = [e.name for e in splits.few_shot_subset(pool, n)]
     for seed in (0, 1):
       acis, superpixel, labels_first = (str(workdir / f"{prefix}_n{n}_seed{seed}")
                                         for prefix in ("synth", "superpixel", "labels_first"))
@@ -248,7 +248,7 @@ def test_each_seed_trains_each_synthesizer_on_only_those_n_slices(tmp_path, monk
   calls.clear()
   protocol.run(config, str(workdir))
   assert calls == []
-  shutil.rmtree(workdir / "synth_n2_seed1" / protocol.SYNTHETIC_FOLDERS["acis-real"])
+  shutil.rmtree(workdir / "synth_n2_seed1" / arms.SYNTHETIC_FOLDERS["acis-real"])
   protocol.run(config, str(workdir))
   assert [c[0] for c in calls] == ["train", "from_real"]
 
@@ -265,7 +265,7 @@ def test_the_synthseg_arm_paints_the_n_real_label_maps_without_training(tmp_path
 
   monkeypatch.setattr(downstream, "train_downstream", recording_train)
   protocol.run(config, str(tmp_path / "work"))
-  painter = Path(protocol.synthesizer_dir(config, str(tmp_path / "work"), N, 0, "synthseg").root)
+  painter = Path(arms.synthesizer_dir(config, str(tmp_path / "work"), N, 0, "synthseg").root)
   assert (painter / "synthetic" / "dataset.json").exists()
   assert [p.name for p in (painter / "networks").iterdir()] == ["grid.json"]  # no network
   (base_x, base_y), (synth_x, synth_y) = sorted(trained_on, key=lambda t: len(t[0]))
@@ -294,25 +294,25 @@ def two_patient_config(tmp_path, **evaluate):
 
 def test_by_patient_holds_out_the_last_patients_in_name_order(tmp_path):
   config = two_patient_config(tmp_path, by_patient=True)
-  split = protocol.load_split(config)
+  split = splits.load_split(config)
   assert {e.name.rsplit("_z", 1)[0] for e in split.pool} == {"patient_a"}
   assert {e.name.rsplit("_z", 1)[0] for e in split.test} == {"patient_b"}
-  assert "Split by patient" in protocol.split_note(config, split)
+  assert "Split by patient" in splits.split_note(config, split)
   config.evaluate.num_test_cases = 2
   with pytest.raises(ValueError, match="num_test_cases=2.*2 patients"):
-    protocol.load_split(config)
+    splits.load_split(config)
 
 
 def test_split_by_patient_keeps_the_test_patient_out_of_every_training(tmp_path, monkeypatch):
   config = two_patient_config(tmp_path, test_cases=("patient_b",), train_synthesizer=True,
                               arms=("baseline", "acis", "upper"), denoise_sigmas=())
-  split = protocol.load_split(config)
+  split = splits.load_split(config)
   assert {e.name.rsplit("_z", 1)[0] for e in split.pool} == {"patient_a"}
   assert {e.name.rsplit("_z", 1)[0] for e in split.test} == {"patient_b"}
   assert len(split.pool) == POOL and len(split.test) == TEST
   # The same band of both patients: without the patient split these would overlap.
   assert {z_index(e.name) for e in split.pool} & {z_index(e.name) for e in split.test}
-  assert "Split by patient" in protocol.split_note(config, split)
+  assert "Split by patient" in splits.split_note(config, split)
 
   synthesizer_saw, downstream_saw = [], []
 
@@ -320,7 +320,7 @@ def test_split_by_patient_keeps_the_test_patient_out_of_every_training(tmp_path,
     synthesizer_saw.extend(e.name for e in examples)
 
   def fake_synthesize(synth_config, root, examples):
-    for i, folder in enumerate(protocol.SYNTHETIC_FOLDERS.values()):
+    for i, folder in enumerate(arms.SYNTHETIC_FOLDERS.values()):
       write_fake_synthetic(Path(root) / folder, seed=i)
 
   real_train = downstream.train_downstream
@@ -329,8 +329,8 @@ def test_split_by_patient_keeps_the_test_patient_out_of_every_training(tmp_path,
     downstream_saw.append(np.asarray(inputs)[..., 0])
     return real_train(factory, task, inputs, targets, **kw)
 
-  monkeypatch.setattr(protocol.trainer, "train", fake_train)
-  monkeypatch.setattr(protocol.synthesize, "run", fake_synthesize)
+  monkeypatch.setattr(arms.trainer, "train", fake_train)
+  monkeypatch.setattr(arms.synthesize, "run", fake_synthesize)
   monkeypatch.setattr(downstream, "train_downstream", recording_train)
   protocol.run(config, str(tmp_path / "work"))
 
@@ -347,7 +347,7 @@ def test_split_by_patient_names_the_cases(tmp_path):
   config = two_patient_config(tmp_path, test_cases=("patient_c",))
   with pytest.raises(ValueError, match=r"no case named \['patient_c'\]; the cases are "
                                        r"\['patient_a', 'patient_b'\]"):
-    protocol.load_split(config)
+    splits.load_split(config)
   config.evaluate.test_cases = ("patient_a", "patient_b")
   with pytest.raises(ValueError, match="none is left to train on"):
-    protocol.load_split(config)
+    splits.load_split(config)
