@@ -254,6 +254,7 @@ def evaluate_config() -> ml_collections.ConfigDict:
   ev.by_patient = False             # 2-D without test_cases: hold out the last num_test_cases
                                     # volumes in name order (else: bands of every volume)
   ev.train_synthesizer = True       # train the synthesizer per n when its folders are missing
+  ev.quality_reports = False        # the quality report of each synthesizer of the first seed
   ev.synthesizer_per_seed = True    # one synthesizer per n and seed (its variance in the error
                                     # bars); False: one per n, seeded by config.seed
 

@@ -51,7 +51,8 @@ synthesizer gets ACIS's generator budget, 1500 steps of batch 4 at this config's
 and V2UM2I-like 800 masks + 100 annotation fine-tuning + 400 images + 100 image fine-tuning
 + 100 refinement (plus 200 registration steps, which train no generator); StyleGAN-like 1500
 joint steps; MedGen3D-like 900 label-generator steps + 400 images + 200 image fine-tuning.
-SynthSeg-style trains nothing. n = 4 only, three seeds, one synthesizer per seed.
+SynthSeg-style trains nothing. n = 4 only, three seeds, one synthesizer per seed; the quality
+report of each synthesizer of seed 0 in its synthetic folder (`evaluate.quality_reports`).
 """
 
 from acis_jax.config_utils import parse_presets
@@ -83,6 +84,7 @@ def get_config(arg=None):
     ev.num_train = (4,)
     ev.arms = ("baseline", "joint_gan", "labels_first", "superpixel", "synthseg", "acis-",
                "acis", "upper")
+    ev.quality_reports = True  # each synthesizer's quality report (seed 0)
   if "swap" in presets:
     ev.test_cases = ("chest_ct",)
   if "smoke" in presets:

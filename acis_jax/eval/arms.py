@@ -12,10 +12,13 @@ windowed back to [0, 1] with `window_hu`; labels uint8). Both steps resume: fini
 are skipped,
 and complete synthetic folders skip training and synthesis altogether, so pre-made folders put
 there are used as they are (with `train_synthesizer=False`, missing ones are an error). After
-changing a synthesizer's settings, delete its folders to train it again.
+changing a synthesizer's settings, delete its folders to train it again. With
+`evaluate.quality_reports`, each synthesizer of the first seed also gets its quality report
+(quality.md / .json / .png in each of its synthetic folders; missing ones are written).
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 from absl import logging
@@ -23,6 +26,7 @@ import numpy as np
 
 from acis_jax.data.sources import Example
 from acis_jax.data.synthetic import load_synthetic, synthetic_complete
+from acis_jax.eval import quality
 from acis_jax.eval.splits import Cases, Split, few_shot_subset, stack_cases
 from acis_jax.jobs import synthesize
 from acis_jax.train import trainer
@@ -42,6 +46,28 @@ def synthesizer_dir(config, workdir: str, n: int, seed: int, name: str) -> Workd
   (`evaluate.synthesizer_per_seed`, its variance then in the error bars) or one per n."""
   per_seed = config.evaluate.synthesizer_per_seed
   return Workdir(workdir).synthesizer(n, seed if per_seed else None, name)
+
+
+def synthesizer_config(config, seed: int, name: str, folders: Sequence[str]):
+  """The config of synthesizer `name` for `seed` that writes `folders`."""
+  synth_config = config.copy_and_resolve_references()
+  synth_config.synthesizer = name
+  if config.evaluate.synthesizer_per_seed:
+    synth_config.seed = int(seed)
+  synth_config.synthesize.unrefined = "acis-" in folders
+  synth_config.synthesize.quality = False   # written apart (`write_quality`), if asked for
+  return synth_config
+
+
+def write_quality(config, root: Workdir, seed: int, name: str, folders: Sequence[str],
+                  examples: list[Example]) -> None:
+  """The quality report (`acis_jax.eval.quality`) of each synthetic folder of `root`, unless
+  every one of `folders` has one already."""
+  if all(os.path.exists(os.path.join(root.synthetic(f), "quality.json")) for f in folders):
+    return
+  with root.lock():
+    quality.write_reports(synthesizer_config(config, seed, name, folders), root,
+                          examples=examples)
 
 
 def ensure_synthetic(config, workdir: str, n: int, seed: int, examples: list[Example],
@@ -64,12 +90,7 @@ def ensure_synthetic(config, workdir: str, n: int, seed: int, examples: list[Exa
     raise ValueError(f"{root.root}: the synthetic folders "
                      f"{[SYNTHETIC_FOLDERS[arm] for arm in missing]} lack some of "
                      f"synth_0000..synth_{count - 1:04d}, and evaluate.train_synthesizer=False")
-  synth_config = config.copy_and_resolve_references()
-  synth_config.synthesizer = name
-  if config.evaluate.synthesizer_per_seed:
-    synth_config.seed = int(seed)
-  synth_config.synthesize.unrefined = "acis-" in folders
-  synth_config.synthesize.quality = False   # the downstream table is this synthesizer's report
+  synth_config = synthesizer_config(config, seed, name, folders)
   logging.info("[evaluate] training the %s synthesizer for n=%d (seed %d) on %s", name, n,
                synth_config.seed, [e.name for e in examples])
   trainer.train(synth_config, root.root, examples=examples)
@@ -102,6 +123,9 @@ def training_sets(config, workdir: str, split: Split) -> dict[tuple[str, int, in
     for seed in map(int, ev.seeds):
       roots = {name: ensure_synthetic(config, workdir, n, seed, examples, name, folders)
                for name, folders in synthesizers.items()}
+      if ev.quality_reports and seed == ev.seeds[0]:
+        for name, folders in synthesizers.items():
+          write_quality(config, roots[name], seed, name, folders, examples)
       for arm in ev.arms:
         if arm == "baseline":
           sets[arm, n, seed] = real

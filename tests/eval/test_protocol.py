@@ -203,6 +203,7 @@ def test_each_seed_trains_each_synthesizer_on_only_those_n_slices(tmp_path, monk
   config = make_config(tmp_path, num_train=(2, 3), seeds=(0, 1), train_synthesizer=True,
                        synthesizer_per_seed=True,
                        arms=("acis", "acis-real", "superpixel", "labels_first"),
+                       quality_reports=True,
                        segmentation=False, denoise_sigmas=(), superres_factors=(2,),
                        superres_nets=())
   workdir = tmp_path / "work"
@@ -224,7 +225,14 @@ def test_each_seed_trains_each_synthesizer_on_only_those_n_slices(tmp_path, monk
     record("from_real", synth_config, root, examples)
     write_fake_synthetic(Path(root) / arms.SYNTHETIC_FOLDERS["acis-real"], seed=1)
 
+  def fake_quality(synth_config, root, examples):
+    record("quality", synth_config, root.root, examples)
+    for folder in arms.SYNTHETIC_FOLDERS.values():
+      if (Path(root.root) / folder).is_dir():
+        (Path(root.root) / folder / "quality.json").write_text("{}")
+
   monkeypatch.setattr(arms.trainer, "train", fake_train)
+  monkeypatch.setattr(arms.quality, "write_reports", fake_quality)
   monkeypatch.setattr(arms.synthesize, "run", fake_synthesize)
   monkeypatch.setattr(arms.synthesize, "write_from_real", fake_from_real)
   protocol.run(config, str(workdir))
@@ -240,6 +248,10 @@ def test_each_seed_trains_each_synthesizer_on_only_those_n_slices(tmp_path, monk
       expected += [(step, name, root, seed, subset)
                    for name, root in (("superpixel", superpixel), ("labels_first", labels_first))
                    for step in ("train", "synthesize")]
+      if seed == 0:  # the quality reports: each synthesizer of the first seed
+        expected += [("quality", name, root, seed, subset)
+                     for name, root in (("acis", acis), ("superpixel", superpixel),
+                                        ("labels_first", labels_first))]
   assert calls == expected
   rows = list(csv.DictReader(open(workdir / "eval" / "results.csv")))
   assert {r["arm"] for r in rows} == {"acis", "acis-real", "superpixel", "labels_first"}
@@ -329,7 +341,14 @@ def test_split_by_patient_keeps_the_test_patient_out_of_every_training(tmp_path,
     downstream_saw.append(np.asarray(inputs)[..., 0])
     return real_train(factory, task, inputs, targets, **kw)
 
+  def fake_quality(synth_config, root, examples):
+    record("quality", synth_config, root.root, examples)
+    for folder in arms.SYNTHETIC_FOLDERS.values():
+      if (Path(root.root) / folder).is_dir():
+        (Path(root.root) / folder / "quality.json").write_text("{}")
+
   monkeypatch.setattr(arms.trainer, "train", fake_train)
+  monkeypatch.setattr(arms.quality, "write_reports", fake_quality)
   monkeypatch.setattr(arms.synthesize, "run", fake_synthesize)
   monkeypatch.setattr(downstream, "train_downstream", recording_train)
   protocol.run(config, str(tmp_path / "work"))
