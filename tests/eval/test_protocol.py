@@ -341,14 +341,7 @@ def test_split_by_patient_keeps_the_test_patient_out_of_every_training(tmp_path,
     downstream_saw.append(np.asarray(inputs)[..., 0])
     return real_train(factory, task, inputs, targets, **kw)
 
-  def fake_quality(synth_config, root, examples):
-    record("quality", synth_config, root.root, examples)
-    for folder in arms.SYNTHETIC_FOLDERS.values():
-      if (Path(root.root) / folder).is_dir():
-        (Path(root.root) / folder / "quality.json").write_text("{}")
-
   monkeypatch.setattr(arms.trainer, "train", fake_train)
-  monkeypatch.setattr(arms.quality, "write_reports", fake_quality)
   monkeypatch.setattr(arms.synthesize, "run", fake_synthesize)
   monkeypatch.setattr(downstream, "train_downstream", recording_train)
   protocol.run(config, str(tmp_path / "work"))
