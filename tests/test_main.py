@@ -38,6 +38,14 @@ def test_pseudomask_mode_writes_nifti_with_geometry_and_a_figure(tmp_path, prese
   assert "200 seeds" in done.stderr
 
 
+def test_pseudomask_mode_refuses_a_synthesizer_without_pseudo_masks(tmp_path):
+  done = run_main("--config=experiments/smoke.py:pseudomask,2d", f"--workdir={tmp_path}",
+                  "--config.synthesizer=joint_gan")
+  assert done.returncode != 0
+  assert "config.synthesizer='joint_gan' paints no pseudo-masks" in done.stderr
+  assert not (tmp_path / "pseudomask").exists()
+
+
 def test_unknown_mode_is_a_usage_error(tmp_path):
   done = run_main("--config=experiments/smoke.py", f"--workdir={tmp_path}",
                   "--config.mode=painting")

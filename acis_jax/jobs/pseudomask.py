@@ -19,12 +19,15 @@ from acis_jax.data.sources import load_examples
 from acis_jax.pseudomask import pseudo_mask
 from acis_jax.pseudomask.pipeline import warn_if_no_edges
 from acis_jax.rng import stream_key
-from acis_jax.synthesizers import pseudomask_params
+from acis_jax.synthesizers import pseudomask_params, uses_pseudo_masks
 from acis_jax.workdir import Workdir
 from acis_jax.viz import pseudomask_figure
 
 
 def run(config, workdir: str) -> None:
+  if not uses_pseudo_masks(config):
+    raise ValueError(f"mode=pseudomask: config.synthesizer={config.synthesizer!r} paints no "
+                     "pseudo-masks (acis_jax.synthesizers); use 'acis' or 'superpixel'")
   out_dir = Workdir(workdir).pseudomask
   params = pseudomask_params(config)
   logging.info("Loading images (%s)...", config.data.data_dir or f"built-in {config.data.sample}")
@@ -48,6 +51,9 @@ def run(config, workdir: str) -> None:
     save_nifti(f"{prefix}_density.nii.gz", density, affine)
     save_nifti(f"{prefix}_edges.nii.gz", edges.astype(np.uint8), affine)
     pseudomask_figure(f"{prefix}.png", image, edges, density, mask, np.asarray(result.seeds),
-                      affine, title=f"{example.name}: {params.num_seeds} seeds, "
-                      f"bandwidth {params.bandwidth} voxels, {int(edges.sum())} edge voxels")
+                      affine, title=f"{example.name}: " + (
+                          f"{params.num_seeds} seeds, bandwidth {params.bandwidth} voxels, "
+                          f"{int(edges.sum())} edge voxels" if params.method == "voronoi" else
+                          f"SLIC superpixels, about {params.num_seeds} cells, compactness "
+                          f"{params.superpixel_compactness}"))
     logging.info("Wrote %s_{image,pseudomask,density,edges}.nii.gz and %s.png", prefix, prefix)

@@ -120,11 +120,19 @@ def soft_dice_loss(logits: jax.Array, labels: jax.Array, num_classes: int, *,
                                   include_background=include_background, smooth=smooth))
 
 
-def dice_ce_loss(logits: jax.Array, labels: jax.Array, num_classes: int, *,
-                 dice_weight: float = 1.0, ce_weight: float = 1.0) -> jax.Array:
-  """`dice_weight * soft_dice_loss + ce_weight * cross_entropy` (the nnU-Net pairing)."""
-  return (dice_weight * soft_dice_loss(logits, labels, num_classes)
-          + ce_weight * cross_entropy(logits, labels, num_classes))
+def dice_ce_per_case(logits: jax.Array, labels: jax.Array, num_classes: int, *,
+                     include_background: bool = True) -> jax.Array:
+  """Soft Dice loss plus mean cross-entropy of each sample `(b,)` (the nnU-Net pairing):
+  `1 - mean_k soft_dice + mean over voxels of the cross-entropy`."""
+  dice = jnp.mean(soft_dice(logits, labels, num_classes,
+                            include_background=include_background), axis=1)
+  cross = cross_entropy_map(logits, labels, num_classes)
+  return 1.0 - dice + jnp.mean(cross, axis=tuple(range(1, cross.ndim)))
+
+
+def dice_ce_loss(logits: jax.Array, labels: jax.Array, num_classes: int) -> jax.Array:
+  """`soft_dice_loss + cross_entropy`: `dice_ce_per_case` averaged over the batch."""
+  return jnp.mean(dice_ce_per_case(logits, labels, num_classes))
 
 
 # ---------------------------------------------------------------- registration

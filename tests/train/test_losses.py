@@ -94,8 +94,11 @@ def test_dice_hand_computed():
   np.testing.assert_allclose(losses.soft_dice_loss(logits, labels, 2, include_background=False),
                              1 - dice1, atol=1e-5)
   ce = losses.cross_entropy(logits, labels, 2)
-  np.testing.assert_allclose(losses.dice_ce_loss(logits, labels, 2, dice_weight=2.0),
-                             2 * (1 - (dice0 + dice1) / 2) + np.log(2.0), atol=1e-5)
+  np.testing.assert_allclose(losses.dice_ce_loss(logits, labels, 2),
+                             1 - (dice0 + dice1) / 2 + np.log(2.0), atol=1e-5)
+  np.testing.assert_allclose(losses.dice_ce_per_case(logits, labels, 2,
+                                                     include_background=False),
+                             [1 - dice1 + np.log(2.0)], atol=1e-5)
   np.testing.assert_allclose(ce, np.log(2.0), rtol=1e-6)
 
 
