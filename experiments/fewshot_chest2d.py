@@ -53,6 +53,8 @@ and V2UM2I-like 800 masks + 100 annotation fine-tuning + 400 images + 100 image 
 joint steps; MedGen3D-like 900 label-generator steps + 400 images + 200 image fine-tuning.
 SynthSeg-style trains nothing. n = 4 only, three seeds, one synthesizer per seed; the quality
 report of each synthesizer of seed 0 in its synthetic folder (`evaluate.quality_reports`).
+About 100 minutes from scratch on the 2-core CPU (51 of synthesizers, 48 of the 72 downstream
+trainings; README "Against the paper's comparison synthesizers").
 """
 
 from acis_jax.config_utils import parse_presets
