@@ -29,12 +29,21 @@
                   `train` trains nothing, its `synthesize` paints.
 
 Every trained synthesizer gets the same generator budget: the steps of ACIS's generator stages
-(`acis_jax.train.stages`).
+(`acis_jax.train.stages.generator_budget`).
+
+Where each one lives: ACIS and the superpixel variant run ACIS's stage table
+(`acis_jax.train.stages`) and chain (`acis_jax.train.generation.Chain`); each synthesizer
+without pseudo-masks has a module here with its `stages(config)` and `sample(chain, ...)`
+(`comparison_module`). Besides that module, a new one names its networks in
+`acis_jax.train.networks` and its arm in `acis_jax.eval.arms.TRAINED_ARMS` and
+`acis_jax.eval.report.ARM_TITLES`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
+from types import ModuleType
 
 from acis_jax.pseudomask import PseudoMaskParams
 
@@ -42,6 +51,15 @@ from acis_jax.pseudomask import PseudoMaskParams
 PSEUDO_MASK_METHODS = {"acis": "voronoi", "superpixel": "superpixel", "joint_gan": None,
                        "labels_first": None, "synthseg": None}
 SYNTHESIZERS = tuple(PSEUDO_MASK_METHODS)
+
+
+def comparison_module(synthesizer: str) -> ModuleType:
+  """The module of a synthesizer without pseudo-masks (`acis_jax.synthesizers.<name>`): its
+  `stages(config)` and, for a trained one, `sample(chain, params, key, size)`. Imported on
+  demand: those modules build on `acis_jax.train`, which imports this package."""
+  if PSEUDO_MASK_METHODS[synthesizer] is not None:
+    raise ValueError(f"{synthesizer!r} runs ACIS's stages (acis_jax.train.stages)")
+  return importlib.import_module(f"acis_jax.synthesizers.{synthesizer}")
 
 
 def uses_pseudo_masks(config) -> bool:

@@ -129,6 +129,12 @@ def synthseg_pair(key: jax.Array, label_maps: jax.Array, num_classes: int,
   return image[..., None].astype(jnp.float32), jnp.where(labels == num_classes, 0, labels)
 
 
+def stages(config) -> list:
+  """No stage: the SynthSeg-style synthesizer trains nothing (`acis_jax.train.stages`)."""
+  del config
+  return []
+
+
 def synthseg_pairs(key: jax.Array, label_maps, count: int, num_classes: int,
                    params: SynthSegParams, images=None) -> tuple[jax.Array, jax.Array]:
   """`count` pairs (`synthseg_pair`) from real label maps `(n, *spatial)` and, optionally,

@@ -19,7 +19,7 @@ from flax import nnx
 
 from acis_jax.pseudomask import PseudoMaskParams, pseudo_mask
 from acis_jax.spatial import integrate_velocity, random_velocity, warp, warp_labels
-from acis_jax.synthesizers import PSEUDO_MASK_METHODS
+from acis_jax.synthesizers import PSEUDO_MASK_METHODS, comparison_module
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,13 +98,9 @@ class Chain:
   def sample(self, params: Mapping, key: jax.Array, size: int):
     """`(pseudo-masks or None, labels or None, images)` of `size` samples: the whole chain
     of the synthesizer (no pseudo-masks in the comparison synthesizers')."""
+    if not self.uses_masks:
+      return comparison_module(self.synthesizer).sample(self, params, key, size)
     mask_key, image_key = jax.random.split(key)
-    if self.synthesizer == "joint_gan":
-      pair = self.from_noise("joint_generator", params, mask_key, size)
-      return None, jnp.argmax(pair[..., 1:], -1), pair[..., :1]
-    if self.synthesizer == "labels_first":
-      labels = self.generated_labels(params, mask_key, size)
-      return None, labels, self.image(params, self.condition(None, labels), image_key)
     masks = self.masks(params, mask_key, size)
     labels = self.labels(params, masks)
     return masks, labels, self.image(params, self.condition(masks, labels), image_key)

@@ -12,14 +12,9 @@ derived from it: the networks a stage reads frozen and which stage made each
   refine        annotation and image generators refined by the registration reward (sec 2.3),
                 the image discriminator trained alongside
 
-The comparison synthesizers (`acis_jax.synthesizers`) have tables of their own, with the same
-generator budget as ACIS's (every step of its generator stages: masks, annotation
-fine-tuning, images, image fine-tuning, refinement):
-  joint_gan     joint         image-and-labels generator vs WGAN-GP critic, the whole budget
-  labels_first  labels        label generator vs WGAN-GP critic (ACIS's masks-stage steps)
-                images        pix2pix on the labels alone, then fine-tuning on generated labels
-                              (ACIS's images-stage steps, the fine-tuning also its refinement's)
-  synthseg      (none)        paints the real label maps at synthesis; trains nothing
+The comparison synthesizers without pseudo-masks have tables of their own, in their modules
+(`acis_jax.synthesizers.joint_gan`, `.labels_first`, `.synthseg`), with the same generator
+budget as ACIS's (`generator_budget`).
 """
 
 from __future__ import annotations
@@ -28,7 +23,7 @@ import dataclasses
 import functools
 from typing import Callable
 
-from acis_jax.synthesizers import uses_pseudo_masks
+from acis_jax.synthesizers import comparison_module, uses_pseudo_masks
 from acis_jax.train import refine, steps
 
 # The generators a synthesizer samples from (`acis_jax.train.generation`): ACIS's chain in
@@ -60,27 +55,12 @@ class Stage:
     return sum(n for n, _ in self.phases)
 
 
-def _comparison_table(config) -> list[Stage]:
-  """The stages of a comparison synthesizer (module docstring)."""
+def generator_budget(config) -> int:
+  """The steps of ACIS's generator stages (every stage but registration): what every trained
+  comparison synthesizer gets."""
   train = config.train
-  before_images = train.masks_steps + train.annotation_finetune_steps
-  if config.synthesizer == "synthseg":
-    return []
-  if config.synthesizer == "joint_gan":
-    budget = (before_images + train.images_steps + train.images_finetune_steps
-              + config.refine.steps)
-    return [Stage("joint", ("joint_generator", "joint_critic"),
-                  ((budget, functools.partial(steps.make_noise_gan_step,
-                                              generator="joint_generator")),))]
-  return [
-      Stage("labels", ("label_generator", "label_critic"),
-            ((before_images, functools.partial(steps.make_noise_gan_step,
-                                               generator="label_generator")),)),
-      Stage("images", ("image_generator", "image_discriminator"),
-            ((train.images_steps, functools.partial(steps.make_images_step, finetune=False)),
-             (train.images_finetune_steps + config.refine.steps,
-              functools.partial(steps.make_images_step, finetune=True))),
-            reads=("label_generator",))]
+  return (train.masks_steps + train.annotation_finetune_steps + train.images_steps
+          + train.images_finetune_steps + config.refine.steps)
 
 
 def _acis_table(config) -> list[Stage]:
@@ -111,7 +91,8 @@ def _acis_table(config) -> list[Stage]:
 
 def stages(config) -> list[Stage]:
   """The stages of a run of `config`, in order."""
-  table = _acis_table(config) if uses_pseudo_masks(config) else _comparison_table(config)
+  table = (_acis_table(config) if uses_pseudo_masks(config)
+           else comparison_module(config.synthesizer).stages(config))
   derived = []
   for index, stage in enumerate(table):
     earlier = table[:index]
