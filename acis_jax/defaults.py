@@ -11,7 +11,7 @@ import ml_collections
 from acis_jax.data.augment import AugmentParams
 from acis_jax.data.nnunet import dataset_folder_name
 from acis_jax.pseudomask import PseudoMaskParams
-from acis_jax.synthesizers import PSEUDO_MASK_METHODS, SYNTHESIZERS
+from acis_jax.synthesizers import SYNTHESIZERS, uses_pseudo_masks
 from acis_jax.synthesizers.synthseg import SynthSegParams
 from acis_jax.train.refine import MODES as REFINE_MODES
 from acis_jax.workdir import SYNTHETIC_FOLDERS
@@ -199,7 +199,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     problems.append(str(e))
   if config.synthesizer not in SYNTHESIZERS:
     problems.append(f"synthesizer={config.synthesizer!r} (one of {list(SYNTHESIZERS)})")
-  elif not PSEUDO_MASK_METHODS[config.synthesizer]:
+  elif not uses_pseudo_masks(config.synthesizer):
     if config.data.num_classes < 2:
       problems.append(f"synthesizer={config.synthesizer!r} makes label maps: it needs labels "
                       f"(data.num_classes >= 2, got {config.data.num_classes})")

@@ -10,7 +10,8 @@ disjoint band 0.44-0.64 (upper heart, aortic root): the test slices are never tr
 they come from the same patient, so the Wilcoxon p-values are optimistic (see protocol.py).
 For n = 4 and 8 real training slices (spread evenly over the pool) and each seed a small
 synthesizer is trained on those n slices only (WORKDIR/synth_n{n}_seed{seed}/) and writes 32
-ACIS and 32 ACIS- pairs; then for 2 seeds each arm (baseline, +ACIS-, +ACIS, upper bound = the 32 pool slices) trains
+ACIS and 32 ACIS- pairs; then for 2 seeds each arm (baseline, +ACIS-, +ACIS, upper bound =
+the 32 pool slices) trains
   * segmentation (4 labels: heart, aorta, left lung, right lung): U-Net and MedNeXt;
   * denoising (sigma 0.1) and super-resolution x2: ResNet and RED-CNN, plus ESRT for x2;
 for the same number of steps, with tiny widths so that all of it fits the budget below.

@@ -9,12 +9,12 @@ that seed, so that the synthesizer's own variance is in the error bars (or once 
 WORKDIR/synth_n{n}/ with `evaluate.synthesizer_per_seed=False`); then `synthesize` writes the
 pairs of the synthetic arms there (`acis_jax.workdir.SYNTHETIC_FOLDERS`; HU int16 on disk,
 windowed back to [0, 1] with `window_hu`; labels uint8). Both steps resume: finished stages
-are skipped,
-and complete synthetic folders skip training and synthesis altogether, so pre-made folders put
-there are used as they are (with `train_synthesizer=False`, missing ones are an error). After
-changing a synthesizer's settings, delete its folders to train it again. With
-`evaluate.quality_reports`, each synthesizer of the first seed also gets its quality report
-(quality.md / .json / .png in each of its synthetic folders; missing ones are written).
+are skipped, and complete synthetic folders skip training and synthesis altogether, so
+pre-made folders put there are used as they are (with `train_synthesizer=False`, missing ones
+are an error). After changing a synthesizer's settings, delete its folders to train it
+again. With `evaluate.quality_reports`, each synthesizer of the first seed also gets its
+quality report (quality.md / .json / .png in each of its synthetic folders; missing ones are
+written).
 """
 from __future__ import annotations
 

@@ -55,7 +55,7 @@ from acis_jax.eval import downstream, report
 from acis_jax.eval.arms import TRAINED_ARMS, training_sets
 from acis_jax.eval.nets import RECONSTRUCTION_NETS, SEGMENTATION_NETS, net_factory
 from acis_jax.eval.splits import Cases, load_split, split_note, stack_cases
-from acis_jax.synthesizers import PSEUDO_MASK_METHODS
+from acis_jax.synthesizers import uses_pseudo_masks
 from acis_jax.workdir import Workdir, write_json_atomically
 
 ARMS = tuple(report.ARM_TITLES)
@@ -176,7 +176,7 @@ def _check_settings(config) -> None:
   if not ev.num_train and any(arm != "upper" for arm in ev.arms):
     raise ValueError("evaluate.num_train is empty but the arms need few-shot sizes")
   label_only = [arm for arm in ev.arms
-                if arm in TRAINED_ARMS and not PSEUDO_MASK_METHODS[TRAINED_ARMS[arm][0]]]
+                if arm in TRAINED_ARMS and not uses_pseudo_masks(TRAINED_ARMS[arm][0])]
   if label_only and config.data.num_classes < 2:
     raise ValueError(f"evaluate.arms has {label_only}, whose synthesizers make or paint label "
                      f"maps: they need labels (data.num_classes >= 2, got "

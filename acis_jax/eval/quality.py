@@ -414,8 +414,9 @@ def write_reports(config, workdir: Workdir, paired_arms: bool = False,
     write_text_atomically(os.path.join(folder, "quality.md"), text)
     figure(os.path.join(folder, "quality.png"), result, title)
     logging.info("[quality %s] high-frequency energy %.3g (real %.3g), %d copies; wrote %s/"
-                 "quality.{json,md,png}", pairs_title(config.synthesizer, arm), result["texture"]["synthetic"],
-                 result["texture"]["real"], result["memorisation"]["copies"], folder)
+                 "quality.{json,md,png}", pairs_title(config.synthesizer, arm),
+                 result["texture"]["synthetic"], result["texture"]["real"],
+                 result["memorisation"]["copies"], folder)
 
 
 def run(config, workdir: str) -> None:

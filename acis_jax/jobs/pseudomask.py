@@ -25,7 +25,7 @@ from acis_jax.viz import pseudomask_figure
 
 
 def run(config, workdir: str) -> None:
-  if not uses_pseudo_masks(config):
+  if not uses_pseudo_masks(config.synthesizer):
     raise ValueError(f"mode=pseudomask: config.synthesizer={config.synthesizer!r} paints no "
                      "pseudo-masks (acis_jax.synthesizers); use 'acis' or 'superpixel'")
   out_dir = Workdir(workdir).pseudomask

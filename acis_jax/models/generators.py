@@ -102,11 +102,11 @@ class ImageGenerator(nnx.Module):
 
   `num_classes = 0` is the label-free mode (input: the pseudo-mask alone); `with_mask=False`
   the labels-only mode (input: the labels alone; the MedGen3D-like synthesizer). Labels are
-  one-hot or class probabilities. Dropout (rate `dropout`, in the `dropout_stages` deepest decoder stages,
-  as pix2pix) runs whenever a key is given; it is the generator's only noise source. It never
-  reaches the full-resolution stage that feeds the output layer: pix2pix's dropout sits at
-  1/32 to 1/128 of the image, and at full resolution it is per-voxel noise in the image (the
-  "salt" of early contact sheets). So a 2-level generator has none.
+  one-hot or class probabilities. Dropout (rate `dropout`, in the `dropout_stages` deepest
+  decoder stages, as pix2pix) runs whenever a key is given; it is the generator's only noise
+  source. It never reaches the full-resolution stage that feeds the output layer: pix2pix's
+  dropout sits at 1/32 to 1/128 of the image, and at full resolution it is per-voxel noise in
+  the image (the "salt" of early contact sheets). So a 2-level generator has none.
   """
 
   def __init__(self, num_classes: int, ndim: int, *, features: Sequence[int] = (64, 128, 256, 512),
@@ -120,8 +120,9 @@ class ImageGenerator(nnx.Module):
     self.num_classes = num_classes
     self.ndim = ndim
     self.with_mask = with_mask
-    self.unet = UNet(int(with_mask) + num_classes, ndim, features=features, convs_per_level=convs_per_level,
-                     norm=norm, activation=activation, down=down, up=up, dropout=dropout,
+    self.unet = UNet(int(with_mask) + num_classes, ndim, features=features,
+                     convs_per_level=convs_per_level, norm=norm, activation=activation,
+                     down=down, up=up, dropout=dropout,
                      dropout_stages=min(dropout_stages, len(features) - 2), remat=remat,
                      dtype=dtype, rngs=rngs)
     self.head = conv(self.unet.features[0], 1, ndim, kernel_size=1, dtype=dtype, rngs=rngs)

@@ -57,14 +57,14 @@ def comparison_module(synthesizer: str) -> ModuleType:
   """The module of a synthesizer without pseudo-masks (`acis_jax.synthesizers.<name>`): its
   `stages(config)` and, for a trained one, `sample(chain, params, key, size)`. Imported on
   demand: those modules build on `acis_jax.train`, which imports this package."""
-  if PSEUDO_MASK_METHODS[synthesizer] is not None:
+  if uses_pseudo_masks(synthesizer):
     raise ValueError(f"{synthesizer!r} runs ACIS's stages (acis_jax.train.stages)")
   return importlib.import_module(f"acis_jax.synthesizers.{synthesizer}")
 
 
-def uses_pseudo_masks(config) -> bool:
-  """Whether `config.synthesizer` paints its images from pseudo-masks (ACIS's chain)."""
-  return PSEUDO_MASK_METHODS[config.synthesizer] is not None
+def uses_pseudo_masks(synthesizer: str) -> bool:
+  """Whether synthesizer `synthesizer` paints its images from pseudo-masks (ACIS's chain)."""
+  return PSEUDO_MASK_METHODS[synthesizer] is not None
 
 
 def pseudomask_params(config) -> PseudoMaskParams:

@@ -1,7 +1,7 @@
 """The generation chain of sec 2.2: noise -> pseudo-mask -> labels -> image, and its variant
 from real anatomy: real case -> random diffeomorphism -> pseudo-mask and labels -> image.
-The comparison synthesizers' chains (`acis_jax.synthesizers`) live here too: noise -> labels
--> image (labels first) and noise -> (image, labels) (joint GAN).
+The comparison synthesizers' links live here too (`from_noise`, `generated_labels`); each one's
+chain is in its module (`acis_jax.synthesizers`), which `sample` calls.
 
 One home for it: the training steps (fine-tuning on generated conditions, refinement) and
 `synthesize` call the same links. Networks are passed as parameters (`{name: nnx.State}`)
@@ -19,7 +19,7 @@ from flax import nnx
 
 from acis_jax.pseudomask import PseudoMaskParams, pseudo_mask
 from acis_jax.spatial import integrate_velocity, random_velocity, warp, warp_labels
-from acis_jax.synthesizers import PSEUDO_MASK_METHODS, comparison_module
+from acis_jax.synthesizers import comparison_module, uses_pseudo_masks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +35,7 @@ class Chain:
   def uses_masks(self) -> bool:
     """Whether images are painted from pseudo-masks (ACIS's chain, not the comparison
     synthesizers' label-only or joint ones)."""
-    return PSEUDO_MASK_METHODS[self.synthesizer] is not None
+    return uses_pseudo_masks(self.synthesizer)
 
   def net(self, name: str, params) -> nnx.Module:
     """Network `name` with parameters `params`."""

@@ -36,7 +36,7 @@ def build_network(name: str, config, rngs: nnx.Rngs) -> nnx.Module:
   ndim = len(shape)
   num_classes = config.data.num_classes
   # The image generator's condition: the pseudo-mask (if the synthesizer has one) and labels.
-  mask_channels = int(uses_pseudo_masks(config))
+  mask_channels = int(uses_pseudo_masks(config.synthesizer))
   common = dict(dtype=_dtype(model), rngs=rngs)
   noise_decoder = dict(features=model.mask_generator_features, remat=model.remat, **common)
   if name == "mask_generator":
@@ -64,8 +64,8 @@ def build_network(name: str, config, rngs: nnx.Rngs) -> nnx.Module:
                           dropout=model.image_dropout, with_mask=bool(mask_channels),
                           remat=model.remat, **common)
   if name == "image_discriminator":
-    return PatchDiscriminator(1 + mask_channels + num_classes, ndim, features=model.discriminator_features,
-                              **common)
+    return PatchDiscriminator(1 + mask_channels + num_classes, ndim,
+                              features=model.discriminator_features, **common)
   if name == "registration":
     return RegistrationNet(ndim, features=model.registration_features,
                            dropout=model.registration_dropout,

@@ -91,7 +91,7 @@ def _acis_table(config) -> list[Stage]:
 
 def stages(config) -> list[Stage]:
   """The stages of a run of `config`, in order."""
-  table = (_acis_table(config) if uses_pseudo_masks(config)
+  table = (_acis_table(config) if uses_pseudo_masks(config.synthesizer)
            else comparison_module(config.synthesizer).stages(config))
   derived = []
   for index, stage in enumerate(table):
