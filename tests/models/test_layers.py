@@ -207,6 +207,63 @@ def test_transposed_upsampling_matches_conv_transpose(ndim):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("ndim, coarse", [(1, (7,)), (2, (5, 4)), (3, (3, 4, 2))])
+def test_up_concat_conv_matches_upsample_concat_and_lax(ndim, coarse, monkeypatch):
+  """A decoder level's first conv over `concat([nearest up-sampling, skip])`, computed on the
+  coarse grid on CPU, against lax on the explicitly up-sampled, concatenated input: values and
+  gradients w.r.t. both inputs, kernel and bias."""
+  from acis_jax.models import layers
+  calls = []
+  original = layers.nearest_up_conv
+  monkeypatch.setattr(layers, "nearest_up_conv", lambda *a: calls.append(1) or original(*a))
+  block = ConvBlock(3 + 2, 4, ndim, norm="none", rngs=nnx.Rngs(3))
+  graphdef, params = nnx.split(block)
+  x = jax.random.normal(jax.random.key(1), (2, *coarse, 3))
+  skip = jax.random.normal(jax.random.key(2), (2, *(2 * n for n in coarse), 2))
+  cotangent = jax.random.normal(jax.random.key(3), (2, *(2 * n for n in coarse), 4))
+
+  def reference(params, x, skip):
+    conv = nnx.merge(graphdef, params).conv
+    up = x
+    for axis in range(1, ndim + 1):
+      up = jnp.repeat(up, 2, axis=axis)
+    y = jax.lax.conv_general_dilated(
+        jnp.concatenate([up, skip], -1), conv.kernel[...], (1,) * ndim, "SAME",
+        dimension_numbers=layers.CHANNEL_LAST_SPECS[ndim]) + conv.bias[...]
+    return jnp.sum(y * cotangent), y
+
+  def ours(params, x, skip):
+    y = layers.up_concat_conv(nnx.merge(graphdef, params).conv, x, skip)
+    return jnp.sum(y * cotangent), y
+
+  (_, want), want_g = jax.value_and_grad(reference, (0, 1, 2), has_aux=True)(params, x, skip)
+  (_, got), got_g = jax.value_and_grad(ours, (0, 1, 2), has_aux=True)(params, x, skip)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+  # The stage form (ConvBlock with a skip) is the same function.
+  np.testing.assert_allclose(block(x, skip), jax.nn.leaky_relu(want, 0.2), rtol=1e-5, atol=1e-5)
+  assert len(calls) == (2 if jax.default_backend() == "cpu" else 0)
+
+
+@pytest.mark.parametrize("spatial", [(7,), (6, 5), (4, 5, 7)])
+def test_block_max_pool_matches_max_pool(spatial):
+  """Down("pool")'s CPU form: the values and (without ties) gradients of nnx.max_pool, odd sizes
+  cropped; where a block ties, each tied voxel gets an equal share of the block's cotangent."""
+  from acis_jax.models.layers import block_max_pool
+  ndim = len(spatial)
+  window = (2,) * ndim
+  x = jax.random.normal(jax.random.key(0), (2, *spatial, 3))
+  cotangent = jax.random.normal(jax.random.key(1), (2, *(n // 2 for n in spatial), 3))
+  want, want_vjp = jax.vjp(lambda x: nnx.max_pool(x, window, strides=window), x)
+  got, got_vjp = jax.vjp(block_max_pool, x)
+  np.testing.assert_array_equal(got, want)
+  np.testing.assert_allclose(got_vjp(cotangent)[0], want_vjp(cotangent)[0], rtol=1e-6)
+  flat = jnp.zeros((1, *(2,) * ndim, 1))
+  share = jax.grad(lambda x: 8.0 * block_max_pool(x).sum())(flat)
+  np.testing.assert_allclose(share, 8.0 / 2 ** ndim)
+
+
 def test_conv_layers_take_the_folded_path_on_cpu_only(monkeypatch):
   """The layers' conv routes plain 3-D convolutions through the folded path on CPU."""
   from acis_jax.models import layers
