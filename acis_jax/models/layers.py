@@ -13,7 +13,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 NORMS = ("group", "instance", "layer", "none")
@@ -283,13 +282,6 @@ def nearest_upsample(x: jax.Array) -> jax.Array:
   return x
 
 
-# Along one axis, a 3-tap kernel `w` over a 2x nearest-up-sampled signal reads two coarse voxels
-# per output: parity 0 (voxel 2i) reads coarse i - 1, i with weights w0, w1 + w2; parity 1
-# (2i + 1) reads i, i + 1 with w0 + w1, w2. `_PARITY_TAPS[r, q, k]` = 1 where tap k of parity r
-# lands on the parity's coarse tap q.
-_PARITY_TAPS = np.array([[[1, 0, 0], [0, 1, 1]], [[1, 1, 0], [0, 0, 1]]], np.float32)
-
-
 def nearest_up_conv(x: jax.Array, kernel: jax.Array, precision: Any = None) -> jax.Array:
   """`conv(nearest_upsample(x), kernel)` for a 3-wide, stride-1 "SAME" kernel (same sums).
 
@@ -303,12 +295,13 @@ def nearest_up_conv(x: jax.Array, kernel: jax.Array, precision: Any = None) -> j
   """
   ndim = x.ndim - 2
   channels, out = kernel.shape[-2:]
-  w = kernel.astype(jnp.float32)
-  for _ in range(ndim):  # contract the leading tap axis; its (parity, coarse tap) pair goes last
-    w = jnp.tensordot(w, _PARITY_TAPS, axes=([0], [2]))
-  # (C, O, r_1, q_1, .., r_n, q_n) -> (q_1, .., q_n, C, r_1, .., r_n, O)
-  w = w.transpose(*[3 + 2 * a for a in range(ndim)], 0, *[2 + 2 * a for a in range(ndim)], 1)
-  w = w.reshape(*(2,) * ndim, channels, 2 ** ndim * out).astype(kernel.dtype)
+  # Along one axis, parity 0 (voxel 2i) reads coarse voxels i - 1, i with weights w0, w1 + w2;
+  # parity 1 (2i + 1) reads i, i + 1 with w0 + w1, w2. Folded in float32, then cast.
+  w = kernel.astype(jnp.float32)  # (k_1, .., k_n, C, O) -> (q_1, .., q_n, C, r_1, .., r_n, O)
+  for axis in range(ndim):
+    w0, w1, w2 = (jnp.take(w, k, axis=axis) for k in range(3))
+    w = jnp.stack([jnp.stack([w0, w1 + w2], axis), jnp.stack([w0 + w1, w2], axis)], axis=-2)
+  w = w.reshape(*(2,) * ndim, channels, 2 ** ndim * out).astype(x.dtype)
   padded = jnp.pad(x, ((0, 0), *((1, 1),) * ndim, (0, 0)))
   y = conv_general_dilated(
       padded, w, (1,) * ndim, "VALID", precision=precision,
@@ -341,7 +334,8 @@ def up_concat_conv(layer: nnx.Conv, x: jax.Array, skip: jax.Array) -> jax.Array:
   x, skip, kernel, bias = layer.promote_dtype((x, skip, layer.kernel[...], bias),
                                               dtype=layer.dtype)
   split = x.shape[-1]
-  y = nearest_up_conv(x, kernel[..., :split, :], layer.precision) + conv_general_dilated(
+  # The coarse kernel's taps are summed from the float32 parameters (see nearest_up_conv).
+  y = nearest_up_conv(x, layer.kernel[..., :split, :], layer.precision) + conv_general_dilated(
       skip, kernel[..., split:, :], (1,) * ndim, "SAME", precision=layer.precision,
       dimension_numbers=jax.lax.conv_dimension_numbers(skip.shape, kernel[..., split:, :].shape,
                                                        CHANNEL_LAST_SPECS[ndim]))

@@ -163,6 +163,11 @@ def test_remat_and_bfloat16_steps(stage_name):
   assert all(np.isfinite(v) for v in half_metrics.values()), half_metrics
   assert {leaf.dtype for leaf in jax.tree.leaves(half)} == {np.dtype(np.float32)}
   assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(half))
-  loss = "ncc_loss" if stage_name == "registration" else "loss"
   # bfloat16 keeps 8 significant bits: ~0.4% per rounding, a few percent after a network.
-  np.testing.assert_allclose(half_metrics[loss], ref_metrics[loss], rtol=0.05)
+  # The refine stage's loss and reward divide by the spread of this one batch's terms (the
+  # running standard deviations at step one), which magnifies that rounding (2-9 % between
+  # equivalent forms of the same networks): its raw terms are compared instead.
+  compared = {"registration": ("ncc_loss",),
+              "refine": ("uncertainty", "label_consistency", "mse", "adversarial")}
+  for k in compared.get(stage_name, ("loss",)):
+    np.testing.assert_allclose(half_metrics[k], ref_metrics[k], rtol=0.05, err_msg=k)
