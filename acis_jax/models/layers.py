@@ -334,10 +334,11 @@ def up_concat_conv(layer: nnx.Conv, x: jax.Array, skip: jax.Array) -> jax.Array:
   x, skip, kernel, bias = layer.promote_dtype((x, skip, layer.kernel[...], bias),
                                               dtype=layer.dtype)
   split = x.shape[-1]
+  skip_kernel = kernel[..., split:, :]
   # The coarse kernel's taps are summed from the float32 parameters (see nearest_up_conv).
   y = nearest_up_conv(x, layer.kernel[..., :split, :], layer.precision) + conv_general_dilated(
-      skip, kernel[..., split:, :], (1,) * ndim, "SAME", precision=layer.precision,
-      dimension_numbers=jax.lax.conv_dimension_numbers(skip.shape, kernel[..., split:, :].shape,
+      skip, skip_kernel, (1,) * ndim, "SAME", precision=layer.precision,
+      dimension_numbers=jax.lax.conv_dimension_numbers(skip.shape, skip_kernel.shape,
                                                        CHANNEL_LAST_SPECS[ndim]))
   return y if bias is None else y + bias
 
