@@ -118,6 +118,12 @@ def initial_arrays(stage_name: str):
   config = tiny_config("float32", False)
   stage = _stage(config, stage_name)
   state = fresh_state(stage, config, step_context(config, stage))
+  if stage_name == "refine":
+    # Past the warm-up, with spreads gathered (of the order of eq. 3's and 1 - Dice's), so
+    # the step's loss holds the reward.
+    state = state.replace(step=jnp.asarray(config.refine.warmup_steps, jnp.int32),
+                          extras=dict(state.extras, uncertainty_var=jnp.float32(1e-4),
+                                      label_var=jnp.float32(1e-2)))
   _, frozen = init_networks(tuple(stage.frozen), config, config.seed)
   return state, frozen
 
@@ -164,10 +170,5 @@ def test_remat_and_bfloat16_steps(stage_name):
   assert {leaf.dtype for leaf in jax.tree.leaves(half)} == {np.dtype(np.float32)}
   assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(half))
   # bfloat16 keeps 8 significant bits: ~0.4% per rounding, a few percent after a network.
-  # The refine stage's loss and reward divide by the spread of this one batch's terms (the
-  # running standard deviations at step one), which magnifies that rounding (2-9 % between
-  # equivalent forms of the same networks): its raw terms are compared instead.
-  compared = {"registration": ("ncc_loss",),
-              "refine": ("uncertainty", "label_consistency", "mse", "adversarial")}
-  for k in compared.get(stage_name, ("loss",)):
-    np.testing.assert_allclose(half_metrics[k], ref_metrics[k], rtol=0.05, err_msg=k)
+  loss = "ncc_loss" if stage_name == "registration" else "loss"
+  np.testing.assert_allclose(half_metrics[loss], ref_metrics[loss], rtol=0.05)
