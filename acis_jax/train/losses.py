@@ -121,12 +121,16 @@ def soft_dice_loss(logits: jax.Array, labels: jax.Array, num_classes: int, *,
 
 
 def dice_ce_per_case(logits: jax.Array, labels: jax.Array, num_classes: int, *,
-                     include_background: bool = True) -> jax.Array:
+                     include_background: bool = True,
+                     class_weights: jax.Array | None = None) -> jax.Array:
   """Soft Dice loss plus mean cross-entropy of each sample `(b,)` (the nnU-Net pairing):
-  `1 - mean_k soft_dice + mean over voxels of the cross-entropy`."""
+  `1 - mean_k soft_dice + mean over voxels of the cross-entropy`, each voxel's cross-entropy
+  times `class_weights[its label]` when given `(num_classes,)`."""
   dice = jnp.mean(soft_dice(logits, labels, num_classes,
                             include_background=include_background), axis=1)
   cross = cross_entropy_map(logits, labels, num_classes)
+  if class_weights is not None:
+    cross = cross * class_weights[labels]
   return 1.0 - dice + jnp.mean(cross, axis=tuple(range(1, cross.ndim)))
 
 

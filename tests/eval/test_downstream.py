@@ -73,12 +73,34 @@ def test_losses_match_a_direct_computation():
                              (per_case * weights).sum() / weights.sum(), rtol=1e-5)
   confident = 100.0 * (2 * np.eye(3)[labels] - 1)
   assert float(downstream.task_loss(segmentation, confident, labels)) < 1e-6
+  # Class-weighted cross-entropy: each voxel's term times its class's weight.
+  class_weights = np.array([0.5, 2.0, 1.5], np.float32)
+  voxel_ce = -np.log(np.take_along_axis(probs, labels[..., None], -1))[..., 0]
+  weighted = 1 - scores[:, 1:].mean(axis=1) + (voxel_ce * class_weights[labels]).mean((1, 2))
+  np.testing.assert_allclose(
+      downstream.case_losses(segmentation, logits, labels, jnp.asarray(class_weights)),
+      weighted, rtol=1e-5)
   images, clean = rng.random((2, 2, 6, 5, 1)).astype(np.float32)
   denoise = downstream.Task("denoise", level=0.1)
   mse = ((images - clean) ** 2).reshape(2, -1).mean(axis=1)
   np.testing.assert_allclose(downstream.case_losses(denoise, images, clean), mse, rtol=1e-5)
   np.testing.assert_allclose(downstream.task_loss(denoise, images, clean, weights),
                              (mse * weights).sum() / weights.sum(), rtol=1e-5)
+
+
+def test_class_weights_follow_the_voxel_shares():
+  """Weight of class k proportional to share_k ** -0.25, mean 1 over the classes present; a
+  class absent from the targets gets a finite weight and does not change the others'."""
+  task = downstream.Task("segmentation", num_classes=4)
+  labels = np.zeros((2, 10, 10), np.int32)
+  labels[0, :2] = 1   # 20 voxels
+  labels[1, :5] = 2   # 50 voxels; class 3 absent
+  share = np.array([130, 20, 50, 0]) / 200
+  expected = share[:3] ** -0.25 / np.mean(share[:3] ** -0.25)
+  weights = np.asarray(downstream.class_weights(task, jnp.asarray(labels)))
+  np.testing.assert_allclose(weights[:3], expected, rtol=1e-5)
+  assert np.isfinite(weights[3]) and weights[3] > weights[1]
+  assert downstream.class_weights(downstream.Task("denoise", level=0.1), labels) is None
 
 
 def test_segmentation_of_disks_is_learnt(numpy_initialised):
