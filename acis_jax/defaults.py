@@ -106,7 +106,6 @@ def base_config() -> ml_collections.ConfigDict:
                                            # (1: per voxel, the paper's)
   config.refine.sigma = 0.05               # ... std of the Gaussian image policy
   config.refine.baseline_decay = 0.9       # running baseline and term variances
-  config.refine.warmup_steps = 5           # steps that gather those before the reward enters
   config.refine.learning_rate = 1e-4
 
   config.synthesize = ml_collections.ConfigDict()

@@ -13,10 +13,6 @@ Each step draws b generated pseudo-masks and a batch of b real cases (x, y):
   directions, c the label consistency (Dice of y o phi_t against y_hat). s_u and s_l are their
   running standard deviations over the batches, so the weights `refine.uncertainty_weight` and
   `refine.label_weight` compare terms on one scale (u is 1e-3 to 1e-2, 1 - c is 0.1 to 0.5).
-  The reward enters the loss from step `refine.warmup_steps` on: before that the steps train
-  realism only and gather the spreads, so that the first rewarded step does not divide by the
-  spread of a single batch of b pairs (with untrained or alike generators, a ratio of
-  near-equal numbers).
 
 Two estimators of the reward's gradient (`refine.mode`):
 - "policy_gradient" (the paper's): the image is the mean of a Gaussian policy of std
@@ -113,12 +109,9 @@ def registration_terms(ctx: StepContext, frozen: dict, image, labels, fake_image
 
 
 def running_average(state, name: str, value: jax.Array, decay: float) -> jax.Array:
-  """`state.extras[name]` updated with `value`: the plain mean of the values so far while that
-  weighs the newest by more than 1 - `decay`, then the exponential moving average (so the
-  first steps' values count equally instead of the first one dominating)."""
-  step = state.step.astype(jnp.float32)
-  weight = jnp.maximum(1 - decay, 1 / (step + 1))
-  return (1 - weight) * state.extras[name] + weight * value
+  """The exponential moving average `state.extras[name]` updated with `value`, started at the
+  first step's value."""
+  return jnp.where(state.step == 0, value, decay * state.extras[name] + (1 - decay) * value)
 
 
 def running_variance(state, name: str, values: jax.Array, decay: float) -> jax.Array:
@@ -225,8 +218,7 @@ def make_refine_step(ctx: StepContext) -> Callable:
                                                     real_labels, noise_key, reward_key)
       realism_loss, realism_out = realism(params, disc_params, image, labels, real_masks,
                                           real_condition, fake_condition, mean, recon_key)
-      rewarded = (state.step >= refine.warmup_steps).astype(reward_loss.dtype)
-      total = rewarded * reward_loss + refine.realism_weight * realism_loss
+      total = reward_loss + refine.realism_weight * realism_loss
       return total, (mean, fake_condition, outcome, realism_out)
 
     (total, (mean, fake_condition, outcome, realism_out)), grads = jax.value_and_grad(

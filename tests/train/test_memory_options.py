@@ -119,9 +119,11 @@ def initial_arrays(stage_name: str):
   stage = _stage(config, stage_name)
   state = fresh_state(stage, config, step_context(config, stage))
   if stage_name == "refine":
-    # Past the warm-up, with spreads gathered (of the order of eq. 3's and 1 - Dice's), so
-    # the step's loss holds the reward.
-    state = state.replace(step=jnp.asarray(config.refine.warmup_steps, jnp.int32),
+    # Past the first step, with the terms' spreads gathered (of the order of eq. 3's and
+    # 1 - Dice's): at the first step the reward divides by the spread of this one batch of
+    # alike samples from untrained generators, a ratio of near-equal numbers that magnifies
+    # bfloat16's rounding far beyond what the networks do.
+    state = state.replace(step=jnp.asarray(1, jnp.int32),
                           extras=dict(state.extras, uncertainty_var=jnp.float32(1e-4),
                                       label_var=jnp.float32(1e-2)))
   _, frozen = init_networks(tuple(stage.frozen), config, config.seed)
