@@ -20,10 +20,11 @@ slices only (so its own variance is in the error bars) and writes 32 ACIS, 32 AC
 "ACIS from real" pairs (its refined image generator painting the n slices moved by random
 diffeomorphisms); then each arm (baseline, +ACIS-, +ACIS, +ACIS from real, upper bound = the
 24 pool slices) trains segmentation (U-Net, MedNeXt), denoising (sigma 0.1) and
-super-resolution x2 (both ResNet), 600 steps each, with the downstream schedule of `evaluate` (README "Synthetic pairs in the
-downstream batches"). The synthesizer's refinement is issue 13's (backprop through the
-registration net beside the images stage's objective, 100 steps; README "What the refinement
-changes"). The SynthSeg-style arm ("synthseg") is left to the comparison of issue 14.
+super-resolution x2 (both ResNet), 600 steps each, with the downstream schedule of
+`evaluate` (README "Synthetic pairs in the downstream batches"). The synthesizer's
+refinement is issue 13's (backprop through the registration net beside the images stage's
+objective, 100 steps; README "What the refinement changes"). The SynthSeg-style arm
+("synthseg") is left to the comparison of issue 14.
 
 The task was changed so that it is short of real data (issue 11; U-Net, baseline and upper
 bound only, 3 seeds, Dice on the other patient): with each CT's whole field of view resized
