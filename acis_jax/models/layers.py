@@ -331,11 +331,11 @@ def up_concat_conv(layer: nnx.Conv, x: jax.Array, skip: jax.Array) -> jax.Array:
     x = nearest_upsample(x)
     return layer(jnp.concatenate([x, skip.astype(x.dtype)], axis=-1))
   bias = None if layer.bias is None else layer.bias[...]
-  x, skip, kernel, bias = layer.promote_dtype((x, skip, layer.kernel[...], bias),
-                                              dtype=layer.dtype)
   split = x.shape[-1]
-  skip_kernel = kernel[..., split:, :]
-  # The coarse kernel's taps are summed from the float32 parameters (see nearest_up_conv).
+  # Only the skip's half of the kernel is cast here: the coarse half's taps are summed from
+  # the float32 parameters (see nearest_up_conv).
+  x, skip, skip_kernel, bias = layer.promote_dtype(
+      (x, skip, layer.kernel[..., split:, :], bias), dtype=layer.dtype)
   y = nearest_up_conv(x, layer.kernel[..., :split, :], layer.precision) + conv_general_dilated(
       skip, skip_kernel, (1,) * ndim, "SAME", precision=layer.precision,
       dimension_numbers=jax.lax.conv_dimension_numbers(skip.shape, skip_kernel.shape,
