@@ -266,7 +266,8 @@ def evaluate_config() -> ml_collections.ConfigDict:
   ev.reconstruction_nets = ("resnet", "redcnn")
   ev.superres_nets = ("esrt",)      # added for super-resolution only, as in the paper
 
-  ev.steps = 2000                   # per arm, the same for every arm
+  ev.segmentation_steps = 2000      # per arm, the same for every arm
+  ev.reconstruction_steps = 2000    # (denoising, deblurring, super-resolution)
   ev.batch_size = 4
   ev.real_share = 0.5               # of each batch from the real cases when synthetic pairs are
                                     # added (uniform over all cases: -1, the paper's silence)
@@ -326,7 +327,8 @@ def fewshot_2d_on_cpu(config: ml_collections.ConfigDict) -> ml_collections.Confi
   ev = config.evaluate
   ev.num_train = (4, 8)
   ev.denoise_sigmas = (0.1,)
-  ev.steps = 360
+  ev.segmentation_steps = 360
+  ev.reconstruction_steps = 360
   ev.batch_size = 4
   ev.segmentation_learning_rate = 2e-3
   ev.reconstruction_learning_rate = 5e-4
@@ -359,5 +361,6 @@ def fewshot_smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
   ev.segmentation_nets = ("unet",)
   ev.reconstruction_nets = ("resnet",)
   ev.superres_factors = ()
-  ev.steps = 2
+  ev.segmentation_steps = 2
+  ev.reconstruction_steps = 2
   return config

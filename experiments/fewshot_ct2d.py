@@ -25,7 +25,7 @@ Measured on an idle 2-core CPU (budget: 45 minutes): 37.5 minutes in all.
     (task, net) pairs) of 360 steps at batch 4, 1890 s together (MedNeXt and ESRT ~40 s
     each, the others 8-15 s); evaluation, data and report under a minute.
   If your machine is slower, re-run the same command (it resumes) or shorten it with
-  --config.evaluate.steps=200.
+  --config.evaluate.segmentation_steps=200 --config.evaluate.reconstruction_steps=200.
 The result, and why synthetic data does not help in it, is in the README.
 The run writes every trained arm as it goes, so an interrupted run loses at most one arm.
 
@@ -66,7 +66,8 @@ def get_config(arg=None):
     config.synthesize.num_samples = 8
     ev.num_train = (4,)
     ev.seeds = (0,)
-    ev.steps = 30
+    ev.segmentation_steps = 30
+    ev.reconstruction_steps = 30
   if "smoke" in presets:
     fewshot_smoke(config)
   return config

@@ -22,7 +22,8 @@ Each synthetic arm's synthesizer (`acis_jax.synthesizers`) is trained on the n r
 only, whose pairs join them (`acis_jax.eval.arms`); the real cases, their split into a
 training pool and a held-out test set and the few-shot subsets: `acis_jax.eval.splits`.
 
-Every arm trains for the same `evaluate.steps` with the same seeds, batch size and
+Every arm trains for the same `evaluate.segmentation_steps` (or `reconstruction_steps`) with
+the same seeds, batch size and
 augmentation, so arms differ only in their data. In the arms with synthetic pairs a fixed
 share of each batch, `evaluate.real_share`, comes from the n real cases and the rest from the
 M pairs; -1 draws batches uniformly from the whole set (the paper adds the pairs to the
@@ -108,6 +109,11 @@ def learning_rate(task: downstream.Task, ev) -> float:
           else ev.reconstruction_learning_rate)
 
 
+def training_steps(task: downstream.Task, ev) -> int:
+  """How many optimiser steps a task's networks train for, in every arm."""
+  return ev.segmentation_steps if task.is_segmentation else ev.reconstruction_steps
+
+
 # ---------------------------------------------------------------------------------------------
 # One arm
 
@@ -141,13 +147,14 @@ def run_arm(key: dict, net: str, task: downstream.Task, train: Cases, test: Case
       return record["rows"]
   start = time.time()
   spatial_dims = train.images.ndim - 2
+  steps = training_steps(task, ev)
   model = downstream.train_downstream(
       net_factory(net, task, ev.nets[net].to_dict(), spatial_dims), task, train.images,
-      train.labels if task.is_segmentation else None, steps=ev.steps,
+      train.labels if task.is_segmentation else None, steps=steps,
       batch_size=ev.batch_size,
       learning_rate=learning_rate(task, ev), seed=key["seed"], augment=augment,
       num_real=train.num_real, real_share=ev.real_share, synthetic_weight=ev.synthetic_weight,
-      pretrain_steps=round(ev.steps * ev.pretrain_fraction) if train.num_real else 0)
+      pretrain_steps=round(steps * ev.pretrain_fraction) if train.num_real else 0)
   trained = time.time()
   scores = evaluate_cases(model, task, test, ev, test_seed)
   rows = [{"arm": key["arm"], "n": key["n"], "net": net, "task": key["task"],
@@ -226,7 +233,7 @@ def run(config, workdir: str) -> None:
     for net in task_nets(task, ev):
       for (arm, n, seed), train in sets.items():
         key = {"task": task_label(task), "net": net, "arm": arm, "n": n, "seed": int(seed),
-               "net_config": ev.nets[net].to_dict(), "steps": ev.steps,
+               "net_config": ev.nets[net].to_dict(), "steps": training_steps(task, ev),
                "batch_size": ev.batch_size, "loss": downstream.LOSSES[task.is_segmentation],
                "learning_rate": learning_rate(task, ev), "augment": ev.augment.to_dict(),
                "nsd_tolerance_mm": ev.nsd_tolerance_mm, "test_seed": config.seed,

@@ -43,7 +43,8 @@ def make_config(tmp_path, **evaluate):
   ev.superres_factors = ()
   ev.segmentation_nets = ("unet",)
   ev.reconstruction_nets = ("resnet",)
-  ev.steps = 2
+  ev.segmentation_steps = 2
+  ev.reconstruction_steps = 3
   ev.batch_size = 2
   ev.augment.enabled = False
   ev.train_synthesizer = False
@@ -118,6 +119,7 @@ def test_protocol_writes_every_arm_and_resumes(tmp_path, monkeypatch):
     # The synthetic arms' batches take their real share from the n real cases, first.
     assert kw["num_real"] == (N if len(inputs) == N + M else 0)
     assert kw["real_share"] == config.evaluate.real_share
+    assert kw["steps"] == (2 if task.is_segmentation else 3)  # each task's own count
     return real_train(factory, task, inputs, targets, **kw)
 
   monkeypatch.setattr(downstream, "train_downstream", recording_train)
@@ -180,10 +182,19 @@ def test_protocol_writes_every_arm_and_resumes(tmp_path, monkeypatch):
   protocol.run(config, str(workdir))
   assert (out / "results.csv").read_text() == before
 
-  # Changed settings are not served from the old records.
-  config.evaluate.steps = 3
-  with pytest.raises(AssertionError, match="trained again"):
-    protocol.run(config, str(workdir))
+  # Changed settings are not served from the old records: a reconstruction step count
+  # retrains the reconstruction arms only.
+  retrained = []
+
+  def train_reconstruction_only(factory, task, inputs, targets=None, **kw):
+    assert not task.is_segmentation, "a segmentation arm was trained again"
+    retrained.append(kw["steps"])
+    return real_train(factory, task, inputs, targets, **kw)
+
+  monkeypatch.setattr(downstream, "train_downstream", train_reconstruction_only)
+  config.evaluate.reconstruction_steps = 4
+  protocol.run(config, str(workdir))
+  assert retrained == [4] * len(runs)
 
 
 def test_synthetic_folders_are_checked(tmp_path):
