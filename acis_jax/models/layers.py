@@ -207,9 +207,8 @@ def _depthwise_shifted_sum(lhs, rhs, window_strides, padding, lhs_dilation):
   ndim = lhs.ndim - 2
   dilation = tuple(lhs_dilation or (1,) * ndim)
   if any(d != 1 for d in dilation):
-    dilated = [(n - 1) * d + 1 for n, d in zip(lhs.shape[1:-1], dilation)]
-    lhs = jnp.zeros((lhs.shape[0], *dilated, lhs.shape[-1]), lhs.dtype).at[
-        (slice(None), *(slice(None, None, d) for d in dilation))].set(lhs)
+    lhs = jax.lax.pad(lhs, jnp.zeros((), lhs.dtype),
+                      [(0, 0, 0), *((0, 0, d - 1) for d in dilation), (0, 0, 0)])
   kernel = rhs.shape[:ndim]
   if isinstance(padding, str):
     padding = jax.lax.padtype_to_pads(lhs.shape[1:-1], kernel, window_strides, padding)
