@@ -23,14 +23,14 @@ only, whose pairs join them (`acis_jax.eval.arms`); the real cases, their split 
 training pool and a held-out test set and the few-shot subsets: `acis_jax.eval.splits`.
 
 Every arm trains for the same `evaluate.segmentation_steps` (or `reconstruction_steps`) with
-the same seeds, batch size and
-augmentation, so arms differ only in their data. In the arms with synthetic pairs a fixed
-share of each batch, `evaluate.real_share`, comes from the n real cases and the rest from the
-M pairs; -1 draws batches uniformly from the whole set (the paper adds the pairs to the
-training set and says nothing about re-weighting them: at n = 4, M = 32 such batches are 89 %
-synthetic). A synthetic case's loss weighs `evaluate.synthetic_weight` against a real one's 1;
-`evaluate.pretrain_fraction` > 0 trains that share of the steps on the synthetic pairs alone
-and the rest on the real cases alone instead. M = `config.synthesize.num_samples`.
+the same seeds, batch size and augmentation, so arms differ only in their data. In the arms
+with synthetic pairs a fixed share of each batch, `evaluate.real_share`, comes from the n real
+cases and the rest from the M pairs; -1 draws batches uniformly from the whole set (the
+paper adds the pairs to the training set and says nothing about re-weighting them: at n = 4,
+M = 32 such batches are 89 % synthetic). A synthetic case's loss weighs
+`evaluate.synthetic_weight` against a real one's 1; `evaluate.pretrain_fraction` > 0 trains
+that share of the steps on the synthetic pairs alone and the rest on the real cases alone
+instead. M = `config.synthesize.num_samples`.
 
 Outputs under WORKDIR/eval/: results.csv (one row per arm, n, net, task, seed, test case and
 metric), table.md (the paper's layout, see `acis_jax.eval.report`) and plots/*.png (metric
@@ -138,7 +138,8 @@ def run_arm(key: dict, net: str, task: downstream.Task, train: Cases, test: Case
             augment: downstream.Augment, record_path: str, test_seed: int) -> list[dict]:
   """Trains one network on `train`, scores it on `test`; the rows of results.csv.
 
-  Reuses the rows saved at `record_path` when they were made under the same `key`.
+  Reuses the rows saved at `record_path` when they were made under the same `key`; trains
+  with the key's seed, step count and learning rate, so a record says what made it.
   """
   if os.path.exists(record_path):
     with open(record_path) as f:
@@ -147,12 +148,12 @@ def run_arm(key: dict, net: str, task: downstream.Task, train: Cases, test: Case
       return record["rows"]
   start = time.time()
   spatial_dims = train.images.ndim - 2
-  steps = training_steps(task, ev)
+  steps = key["steps"]
   model = downstream.train_downstream(
       net_factory(net, task, ev.nets[net].to_dict(), spatial_dims), task, train.images,
       train.labels if task.is_segmentation else None, steps=steps,
       batch_size=ev.batch_size,
-      learning_rate=learning_rate(task, ev), seed=key["seed"], augment=augment,
+      learning_rate=key["learning_rate"], seed=key["seed"], augment=augment,
       num_real=train.num_real, real_share=ev.real_share, synthetic_weight=ev.synthetic_weight,
       pretrain_steps=round(steps * ev.pretrain_fraction) if train.num_real else 0)
   trained = time.time()
