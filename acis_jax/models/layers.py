@@ -154,11 +154,15 @@ def _space_to_depth_conv(lhs, rhs, window_strides, padding, **kwargs):
           x.shape, w.shape, CHANNEL_LAST_SPECS[ndim]), **kwargs)
 
 
-# From this many output channels and input voxels (batch x height x width) on, a 2-D
-# convolution's kernel gradient is computed as one matrix product per tap: XLA:CPU's own
-# kernel-gradient convolution was 1.4-10x slower there at 2x256x256 and 64x64x64 (and
-# 1.2-2.5x faster below 32 outputs; mixed at 4x64x64); benchmarks/peers.py.
+# A stride-1 2-D convolution with at least this many output channels, input channels times
+# output channels and input voxels (batch x height x width) computes its kernel gradient as
+# one matrix product per tap. With jaxlib 0.10.2, in whole training steps (benchmarks/peers.py,
+# README "Speed"): the pix2pix image generator at 4x256x256 (128 -> 64, 256 -> 128 channels)
+# takes 1.2x longer without it, while convolutions with fewer channels (the registration
+# net's 16 -> 32, 32 -> 32 and 32 -> 128, the segmentation U-Net's 96 -> 32) ran faster on
+# XLA:CPU's own kernel gradient (registration step 4x256x256 about 7 % faster).
 MATMUL_KERNEL_GRAD_FEATURES = 32
+MATMUL_KERNEL_GRAD_WEIGHTS = 8192
 MATMUL_KERNEL_GRAD_VOXELS = 65536
 
 
@@ -230,10 +234,10 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, *, lhs_dilation=None
   """`jax.lax.conv_general_dilated`, with two rewrites on CPU that compute the same sums.
 
   3-D convolutions run as 2-D ones with the depth taps folded into the channels, strided
-  3-D ones first becoming stride-1 ones over space-to-depth blocks; large stride-1 2-D ones
-  with at least `MATMUL_KERNEL_GRAD_FEATURES` outputs get a kernel gradient of matrix
-  products (`cpu_rewrites`). Only plain channel-last convolutions (no dilation, one feature
-  group) are rewritten; everything else, strided 1-D and 2-D ones included, goes to lax.
+  3-D ones first becoming stride-1 ones over space-to-depth blocks; large, wide stride-1 2-D
+  ones (`MATMUL_KERNEL_GRAD_*`) get a kernel gradient of matrix products (`cpu_rewrites`).
+  Only plain channel-last convolutions (no dilation, one feature group) are rewritten;
+  everything else, strided 1-D and 2-D ones included, goes to lax.
   """
   ndim = lhs.ndim - 2
   channel_last = (cpu_rewrites() and ndim in CHANNEL_LAST_SPECS
@@ -254,6 +258,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, *, lhs_dilation=None
       return _depth_folded_conv(lhs, rhs, window_strides, padding, precision=precision,
                                 **kwargs)
     if (ndim == 2 and not strided and rhs.shape[-1] >= MATMUL_KERNEL_GRAD_FEATURES
+        and lhs.shape[-1] * rhs.shape[-1] >= MATMUL_KERNEL_GRAD_WEIGHTS
         and math.prod(lhs.shape[:3]) >= MATMUL_KERNEL_GRAD_VOXELS and no_extras):
       if isinstance(padding, str):
         padding = jax.lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], (1, 1), padding)

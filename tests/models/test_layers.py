@@ -118,7 +118,9 @@ def test_layers_convolution_matches_lax(ndim, spatial, kernel, stride, padding, 
                                         monkeypatch):
   from acis_jax.models import layers
   from acis_jax.models.layers import _space_to_depth_conv, conv_general_dilated
-  monkeypatch.setattr(layers, "MATMUL_KERNEL_GRAD_VOXELS", 1)  # test sizes take that path
+  # Test sizes take that path.
+  monkeypatch.setattr(layers, "MATMUL_KERNEL_GRAD_VOXELS", 1)
+  monkeypatch.setattr(layers, "MATMUL_KERNEL_GRAD_WEIGHTS", 1)
   if isinstance(padding, int):
     padding = ((padding, padding),) * ndim
   elif isinstance(padding, tuple):
