@@ -7,7 +7,7 @@ the same `steps`, whatever the size of its training set, so arms differ only in 
 Tasks (`Task`):
   * "segmentation": inputs images `(n, *spatial, channels)`, targets integer labels
     `(n, *spatial)` in `[0, num_classes)`; soft Dice + cross-entropy weighted by class
-    (`case_losses`, `class_weights`); prediction = argmax.
+    (`case_losses`, `cross_entropy_weights`); prediction = argmax.
   * "denoise", "deblur", "superres": targets clean images `(n, *spatial, channels)` (by default
     the inputs themselves); the network input is the degraded clean image, made on the fly
     inside the train step with a fresh key per step (`acis_jax.eval.degrade`), so noise is
@@ -98,14 +98,14 @@ class Trained(NamedTuple):
     return nnx.merge(self.graphdef, self.params)
 
 
-# The cross-entropy weight of a class goes as its voxel share to this power (`class_weights`).
+# The cross-entropy weight of a class goes as its voxel share to this power (`cross_entropy_weights`).
 CLASS_WEIGHT_POWER = -0.25
 # What `case_losses` computes, recorded with every trained arm (a change retrains it).
 LOSSES = {True: f"soft_dice_foreground+cross_entropy_weighted_share^{CLASS_WEIGHT_POWER}",
           False: "mse"}
 
 
-def class_weights(task: Task, targets: jax.Array) -> jax.Array | None:
+def cross_entropy_weights(task: Task, targets: jax.Array) -> jax.Array | None:
   """Segmentation: the cross-entropy weight of each class `(num_classes,)`, its voxel share
   in the training `targets` to the power `CLASS_WEIGHT_POWER`, divided by the mean of those
   of the classes present (an absent class, never a target, does not enter that mean). None
@@ -165,8 +165,8 @@ def train_step(graphdef: nnx.GraphDef, state: TrainState, batch: tuple, key: jax
                task: Task, optimizer: optax.GradientTransformation,
                augment: Augment | None = None) -> tuple[TrainState, jax.Array]:
   """One optimiser step on one batch `(inputs, targets, case weights[, class weights])` (the
-  class weights: the training set's, see `class_weights`); returns the new state and the
-  loss."""
+  class weights: the training set's, see `cross_entropy_weights`); returns the new state and
+  the loss."""
   inputs, targets = _network_inputs(task, batch[:2], key, augment)
 
   def loss_fn(params):
@@ -306,7 +306,7 @@ def train_downstream(net_factory: Callable[[nnx.Rngs], nnx.Module], task: Task,
   state = TrainState.create(params, optimizer.init(params))
   real_counts = _real_per_batch(steps, batch_size, 0 < num_real < inputs.shape[0],
                                 real_share, pretrain_steps)
-  weights = class_weights(task, targets)
+  weights = cross_entropy_weights(task, targets)
   step_losses = []
   for step, real_per_batch in enumerate(real_counts):
     batch_key, step_key = jax.random.split(jax.random.fold_in(train_key, step))

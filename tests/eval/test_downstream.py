@@ -97,10 +97,10 @@ def test_class_weights_follow_the_voxel_shares():
   labels[1, :5] = 2   # 50 voxels; class 3 absent
   share = np.array([130, 20, 50, 0]) / 200
   expected = share[:3] ** -0.25 / np.mean(share[:3] ** -0.25)
-  weights = np.asarray(downstream.class_weights(task, jnp.asarray(labels)))
+  weights = np.asarray(downstream.cross_entropy_weights(task, jnp.asarray(labels)))
   np.testing.assert_allclose(weights[:3], expected, rtol=1e-5)
   assert np.isfinite(weights[3]) and weights[3] > weights[1]
-  assert downstream.class_weights(downstream.Task("denoise", level=0.1), labels) is None
+  assert downstream.cross_entropy_weights(downstream.Task("denoise", level=0.1), labels) is None
 
 
 def test_segmentation_of_disks_is_learnt(numpy_initialised):
