@@ -289,31 +289,34 @@ def nearest_upsample(x: jax.Array) -> jax.Array:
 def nearest_up_conv(x: jax.Array, kernel: jax.Array, precision: Any = None) -> jax.Array:
   """`conv(nearest_upsample(x), kernel)` for a 3-wide, stride-1 "SAME" kernel (same sums).
 
-  Computed on the coarse grid: along each axis, parity 0 of coarse voxel i (fine voxel 2i)
-  reads coarse voxels i - 1, i with weights w0, w1 + w2, parity 1 (2i + 1) reads i, i + 1
-  with w0 + w1, w2. So one 3-wide "SAME" convolution of `x` with `2**ndim x` the outputs (one
-  set per parity, each with zeros at the taps it does not read) followed by a depth-to-space
-  gives the same sums, without the up-sampled, concatenated input. The registration net's
-  training step (VoxelMorph's nearest up-sampling) took 1.2x less time at 4x256x256 and 1.3x
-  at 64x64x64 on XLA:CPU (the step of benchmarks/peers.py, alternating) with the coarse
-  grid; the 3-wide form of the parities' 2-wide windows ran 1.2x faster than a "VALID" 2-wide
-  convolution of the padded input at 4x128x128x32 (forward + backward, in-process
-  alternating; equal at 32x32x32), and needs no slicing of the parities.
+  Computed on the coarse grid: per axis 2 taps and `2 * O` outputs (one set per parity), one
+  "VALID" convolution of `x` padded by one voxel; parity `r` of coarse voxel `i` is output
+  window `i + r`. That is `(2/3)**ndim` of the multiply-adds on `1 / 2**ndim` of the voxels,
+  and the up-sampled, concatenated input is never formed. The registration net's training step
+  (VoxelMorph's nearest up-sampling) took 1.2x less time at 4x256x256 and 1.3x at 64x64x64 on
+  XLA:CPU (the step of benchmarks/peers.py, alternating). The padding is explicit: given to
+  the convolution instead, that step took 1.7x longer.
   """
   ndim = x.ndim - 2
   channels, out = kernel.shape[-2:]
-  w = kernel.astype(jnp.float32)  # (k_1, .., k_n, C, O) -> (k_1, .., k_n, C, r_1, .., r_n, O)
-  for axis in range(ndim):  # folded in float32, then cast
+  # Along one axis, parity 0 (voxel 2i) reads coarse voxels i - 1, i with weights w0, w1 + w2;
+  # parity 1 (2i + 1) reads i, i + 1 with w0 + w1, w2. Folded in float32, then cast.
+  w = kernel.astype(jnp.float32)  # (k_1, .., k_n, C, O) -> (q_1, .., q_n, C, r_1, .., r_n, O)
+  for axis in range(ndim):
     w0, w1, w2 = (jnp.take(w, k, axis=axis) for k in range(3))
-    zero = jnp.zeros_like(w0)
-    w = jnp.stack([jnp.stack([w0, w1 + w2, zero], axis),
-                   jnp.stack([zero, w0 + w1, w2], axis)], axis=-2)
-  w = w.reshape(*(3,) * ndim, channels, 2 ** ndim * out).astype(x.dtype)
+    w = jnp.stack([jnp.stack([w0, w1 + w2], axis), jnp.stack([w0 + w1, w2], axis)], axis=-2)
+  w = w.reshape(*(2,) * ndim, channels, 2 ** ndim * out).astype(x.dtype)
+  padded = jnp.pad(x, ((0, 0), *((1, 1),) * ndim, (0, 0)))
   y = conv_general_dilated(
-      x, w, (1,) * ndim, "SAME", precision=precision,
-      dimension_numbers=jax.lax.conv_dimension_numbers(x.shape, w.shape,
+      padded, w, (1,) * ndim, "VALID", precision=precision,
+      dimension_numbers=jax.lax.conv_dimension_numbers(padded.shape, w.shape,
                                                        CHANNEL_LAST_SPECS[ndim]))
-  return _depth_to_space(y.reshape(*y.shape[:-1], *(2,) * ndim, out))
+  y = y.reshape(*y.shape[:-1], *(2,) * ndim, out)
+  spatial = x.shape[1:-1]
+  parities = [y[(slice(None), *(slice(r, r + n) for r, n in zip(parity, spatial)), *parity)]
+              for parity in itertools.product((0, 1), repeat=ndim)]
+  y = jnp.stack(parities, axis=-2).reshape(x.shape[0], *spatial, *(2,) * ndim, out)
+  return _depth_to_space(y)
 
 
 def up_concat_conv(layer: nnx.Conv, x: jax.Array, skip: jax.Array) -> jax.Array:
