@@ -98,7 +98,7 @@ class Trained(NamedTuple):
     return nnx.merge(self.graphdef, self.params)
 
 
-# The cross-entropy weight of a class goes as its voxel share to this power (`cross_entropy_weights`).
+# A class's cross-entropy weight goes as its voxel share to this power (`cross_entropy_weights`).
 CLASS_WEIGHT_POWER = -0.25
 # What `case_losses` computes, recorded with every trained arm (a change retrains it).
 LOSSES = {True: f"soft_dice_foreground+cross_entropy_weighted_share^{CLASS_WEIGHT_POWER}",
