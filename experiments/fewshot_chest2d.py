@@ -39,7 +39,7 @@ classes with `--config.data.classes=left_lung,right_lung` (the class count follo
 held-out patients with `--config.evaluate.test_cases='("NAME",)'`.
 
 Outputs: WORKDIR/eval/{results.csv,table.md,significance.csv,plots/}; re-running resumes.
-Timing and result: see the README ("Across patients").
+Timing and result: see the README ("Across patients"; `:swap`: "The other way round").
 
 Presets: `swap` (train on lobes_ct, test on chest_ct); `compare` (issue 14: the paper's
 comparison synthesizers beside ACIS at n = 4, below); `smoke` (two steps of everything, one
