@@ -88,7 +88,7 @@ def test_losses_match_a_direct_computation():
                              (mse * weights).sum() / weights.sum(), rtol=1e-5)
 
 
-def test_class_weights_follow_the_voxel_shares():
+def test_cross_entropy_weights_follow_the_voxel_shares():
   """Weight of class k proportional to share_k ** -0.25, mean 1 over the classes present; a
   class absent from the targets gets a finite weight and does not change the others'."""
   task = downstream.Task("segmentation", num_classes=4)
