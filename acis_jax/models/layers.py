@@ -231,13 +231,14 @@ def _depthwise_shifted_sum(lhs, rhs, window_strides, padding, lhs_dilation):
 def conv_general_dilated(lhs, rhs, window_strides, padding, *, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
                          precision=None, **kwargs):
-  """`jax.lax.conv_general_dilated`, with two rewrites on CPU that compute the same sums.
+  """`jax.lax.conv_general_dilated`, with rewrites on CPU that compute the same sums.
 
-  3-D convolutions run as 2-D ones with the depth taps folded into the channels, strided
-  3-D ones first becoming stride-1 ones over space-to-depth blocks; large, wide stride-1 2-D
-  ones (`MATMUL_KERNEL_GRAD_*`) get a kernel gradient of matrix products (`cpu_rewrites`).
-  Only plain channel-last convolutions (no dilation, one feature group) are rewritten;
-  everything else, strided 1-D and 2-D ones included, goes to lax.
+  Channel-last depthwise convolutions run as shifted sums (`_depthwise_shifted_sum`). Of the
+  others only plain channel-last ones (no dilation, one feature group) are rewritten: 3-D
+  convolutions run as 2-D ones with the depth taps folded into the channels, strided 3-D ones
+  first becoming stride-1 ones over space-to-depth blocks; large, wide stride-1 2-D ones
+  (`MATMUL_KERNEL_GRAD_*`) get a kernel gradient of matrix products (`cpu_rewrites`).
+  Everything else, strided 1-D and 2-D ones included, goes to lax.
   """
   ndim = lhs.ndim - 2
   channel_last = (cpu_rewrites() and ndim in CHANNEL_LAST_SPECS
