@@ -154,13 +154,15 @@ def _space_to_depth_conv(lhs, rhs, window_strides, padding, **kwargs):
           x.shape, w.shape, CHANNEL_LAST_SPECS[ndim]), **kwargs)
 
 
-# A stride-1 2-D convolution with at least this many output channels, input channels times
-# output channels and input voxels (batch x height x width) computes its kernel gradient as
-# one matrix product per tap. With jaxlib 0.10.2 (README "Speed"): the pix2pix image
-# generator's step at 4x256x256 (128 -> 64, 256 -> 128 channels) took 1.2x longer without
-# it, while with XLA:CPU's own kernel gradient narrower convolutions ran 1.7-3x faster
-# forward + backward (16 -> 32, 32 -> 32, 96 -> 32 at 4x128x128, beside another job) and the
-# segmentation U-Net's step at 4x256x256 6 % faster (idle).
+# A stride-1 2-D convolution computes its kernel gradient as one matrix product per tap when
+# its kernel is 2x2 (`nearest_up_conv`'s), or when it has at least this many output channels,
+# input channels times output channels and input voxels (batch x height x width). With jaxlib
+# 0.10.2 (README "Speed"), idle: XLA:CPU's own kernel gradient of a 2x2 one took 1.4-4x
+# longer at every size measured (4x130x130, 32 -> 64: 51 against 37 ms; 33x34x34, 64 -> 256:
+# 250 against 59 ms); the pix2pix image generator's step at 4x256x256 (128 -> 64, 256 -> 128
+# channels of 3x3) took 1.2x longer without it, while narrower 3x3 ones ran 1.7-3x faster
+# forward + backward with XLA's (16 -> 32, 32 -> 32, 96 -> 32 at 4x128x128, beside another
+# job) and the segmentation U-Net's step at 4x256x256 6 % faster.
 MATMUL_KERNEL_GRAD_FEATURES = 32
 MATMUL_KERNEL_GRAD_WEIGHTS = 8192
 MATMUL_KERNEL_GRAD_VOXELS = 65536
@@ -175,7 +177,8 @@ def _lax_conv2d(x, kernel, padding, precision):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _conv2d_matmul_kernel_grad(x, kernel, padding, precision):
   """A stride-1 channel-last 2-D convolution whose kernel gradient is `kh * kw` products of the
-  cotangent `(O, M)` with the input shifted by each tap `(M, C)`; the input gradient is lax's."""
+  input shifted by each tap `(M, C)` with the cotangent `(M, O)`, contracted over `M`; the
+  input gradient is lax's."""
   return _lax_conv2d(x, kernel, padding, precision)
 
 
@@ -189,12 +192,14 @@ def _conv2d_bwd(padding, precision, residuals, cotangent):
   (top, bottom), (left, right) = padding
   padded = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
   out_h, out_w, out_c = cotangent.shape[1:]
-  rows = cotangent.reshape(-1, out_c).T
+  rows = cotangent.reshape(-1, out_c)
+  # Contracting the leading axes of both: 1.1-1.6x faster than a product with `rows.T`.
   d_kernel = jnp.stack([jnp.stack([
-      jnp.matmul(rows, padded[:, i:i + out_h, j:j + out_w].reshape(-1, x.shape[-1]),
-                 precision=precision, preferred_element_type=jnp.float32)
+      jax.lax.dot_general(padded[:, i:i + out_h, j:j + out_w].reshape(-1, x.shape[-1]), rows,
+                          (((0,), (0,)), ((), ())), precision=precision,
+                          preferred_element_type=jnp.float32)
       for j in range(kernel.shape[1])]) for i in range(kernel.shape[0])])
-  return d_x, jnp.swapaxes(d_kernel, -1, -2).astype(kernel.dtype)
+  return d_x, d_kernel.astype(kernel.dtype)
 
 
 _conv2d_matmul_kernel_grad.defvjp(_conv2d_fwd, _conv2d_bwd)
@@ -236,8 +241,9 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, *, lhs_dilation=None
   Channel-last depthwise convolutions run as shifted sums (`_depthwise_shifted_sum`). Of the
   others only plain channel-last ones (no dilation, one feature group) are rewritten: 3-D
   convolutions run as 2-D ones with the depth taps folded into the channels, strided 3-D ones
-  first becoming stride-1 ones over space-to-depth blocks; large, wide stride-1 2-D ones
-  (`MATMUL_KERNEL_GRAD_*`) get a kernel gradient of matrix products (`cpu_rewrites`).
+  first becoming stride-1 ones over space-to-depth blocks; stride-1 2-D ones with a 2x2
+  kernel, or large and wide (`MATMUL_KERNEL_GRAD_*`), get a kernel gradient of matrix
+  products (`cpu_rewrites`).
   Everything else, strided 1-D and 2-D ones included, goes to lax.
   """
   ndim = lhs.ndim - 2
@@ -258,9 +264,10 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, *, lhs_dilation=None
     if ndim == 3:
       return _depth_folded_conv(lhs, rhs, window_strides, padding, precision=precision,
                                 **kwargs)
-    if (ndim == 2 and not strided and rhs.shape[-1] >= MATMUL_KERNEL_GRAD_FEATURES
-        and lhs.shape[-1] * rhs.shape[-1] >= MATMUL_KERNEL_GRAD_WEIGHTS
-        and math.prod(lhs.shape[:3]) >= MATMUL_KERNEL_GRAD_VOXELS and no_extras):
+    wide = (rhs.shape[-1] >= MATMUL_KERNEL_GRAD_FEATURES
+            and lhs.shape[-1] * rhs.shape[-1] >= MATMUL_KERNEL_GRAD_WEIGHTS
+            and math.prod(lhs.shape[:3]) >= MATMUL_KERNEL_GRAD_VOXELS)
+    if ndim == 2 and not strided and no_extras and (wide or tuple(rhs.shape[:2]) == (2, 2)):
       if isinstance(padding, str):
         padding = jax.lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], (1, 1), padding)
       return _conv2d_matmul_kernel_grad(lhs, rhs, tuple(tuple(int(p) for p in pair)

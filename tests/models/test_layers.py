@@ -107,12 +107,13 @@ def test_depth_folded_conv_matches_lax(kernel, stride, padding, depth):
 
 
 # The layers' convolution (on CPU: strided 3-D ones over space-to-depth blocks, 3-D ones
-# folded to 2-D, large 2-D ones with a matrix-product kernel gradient) and the space-to-depth
-# form itself, in every rank, against lax's own: values, gradients and second order, odd
-# sizes and uneven padding.
+# folded to 2-D, 2x2 and large 2-D ones with a matrix-product kernel gradient) and the
+# space-to-depth form itself, in every rank, against lax's own: values, gradients and second
+# order, odd sizes and uneven padding.
 @pytest.mark.parametrize("ndim,spatial", [(1, (13,)), (2, (12, 9)), (3, (8, 7, 6))])
 @pytest.mark.parametrize("kernel,stride,padding", [
-    (4, 2, 1), (3, 2, "SAME"), (4, 2, "VALID"), (5, 3, ((2, 1),)), (2, 2, 0), (3, 1, "SAME")])
+    (4, 2, 1), (3, 2, "SAME"), (4, 2, "VALID"), (5, 3, ((2, 1),)), (2, 2, 0), (3, 1, "SAME"),
+    (2, 1, "VALID")])
 @pytest.mark.parametrize("features", [4, 40])  # 40: the matrix-product kernel gradient
 def test_layers_convolution_matches_lax(ndim, spatial, kernel, stride, padding, features,
                                         monkeypatch):
