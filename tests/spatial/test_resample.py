@@ -9,6 +9,7 @@ from scipy import ndimage
 from acis_jax.spatial import identity_grid, resize, resize_field, warp, warp_labels
 
 SHAPES = [(40, 48), (32, 36, 40)]
+_SCIPY_MODES = {"nearest": "nearest", "constant": "grid-constant"}  # ours -> scipy's
 
 
 def _random(shape, scale, seed):
@@ -60,13 +61,23 @@ def test_integer_translation_is_exact(shape):
   np.testing.assert_array_equal(warp(image, disp, order=0), expected)
 
 
-def test_batch_axis_on_either_input():
+@pytest.mark.parametrize("order,mode", [(1, "nearest"), (1, "constant"), (0, "constant")])
+def test_batch_axis_on_either_input(order, mode):
+  """A batch samples each image with its own field (the images share one flat array, and
+  points that leave the grid must not reach the neighbouring image), or shares the unbatched
+  input; resize works per image too."""
   shape = (24, 28)
   images = _random((3, *shape, 2), 1.0, 6)
-  disps = _random((3, *shape, 2), 2.0, 7)
-  batched = warp(images, disps)
+  disps = _random((3, *shape, 2), 6.0, 7)  # many points leave the grid
+  batched = warp(images, disps, order=order, mode=mode)
   for b in range(3):
-    np.testing.assert_allclose(batched[b], warp(images[b], disps[b]), atol=1e-6)
+    np.testing.assert_allclose(batched[b], _scipy_warp(images[b], disps[b], order,
+                                                       _SCIPY_MODES[mode]), atol=1e-5)
+  resized = resize(images, (13, 40), order=order)
+  for b in range(3):
+    np.testing.assert_allclose(resized[b], resize(images[b], (13, 40), order=order), atol=1e-6)
+  if order == 0 or mode == "constant":
+    return
   shared_image = warp(images[0], disps)
   shared_disp = warp(images, disps[0])
   for b in range(3):
@@ -154,18 +165,26 @@ def test_warp_gradients_equal_autodiff_of_map_coordinates(shape, mode):
     assert np.any(np.asarray(expected) != 0)
 
 
-def test_warp_gradients_with_batches_and_low_precision_images():
-  """A batched field over a shared image sums the image gradient over the batch; a bfloat16
-  image gets a bfloat16 gradient of the float32 values."""
+@pytest.mark.parametrize("mode", ["nearest", "constant"])
+def test_warp_gradients_with_batches_and_low_precision_images(mode):
+  """A batched field over a shared image sums the image gradient over the batch; batched
+  images and fields give each image the gradient of its own field only (points leave the
+  grid); a bfloat16 image gets a bfloat16 gradient of the float32 values."""
   image = jnp.asarray(_random((10, 12, 2), 1.0, 4))
-  disp = jnp.asarray(_random((3, 10, 12, 2), 2.0, 5))
-  grad_image, grad_disp = jax.grad(lambda i, d: jnp.sum(warp(i, d) ** 2), argnums=(0, 1))(
-      image, disp)
-  per_example = [jax.grad(lambda i, d: jnp.sum(_map_coordinates_warp(i, d, "nearest") ** 2),
-                          argnums=(0, 1))(image, disp[b]) for b in range(3)]
+  disp = jnp.asarray(_random((3, 10, 12, 2), 4.0, 5))
+  loss = lambda i, d: jnp.sum(warp(i, d, mode=mode) ** 2)
+  reference = jax.grad(lambda i, d: jnp.sum(_map_coordinates_warp(i, d, mode) ** 2),
+                       argnums=(0, 1))
+  grad_image, grad_disp = jax.grad(loss, argnums=(0, 1))(image, disp)
+  per_example = [reference(image, disp[b]) for b in range(3)]
   np.testing.assert_allclose(grad_image, sum(g for g, _ in per_example), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(grad_disp, np.stack([g for _, g in per_example]), rtol=1e-5,
                              atol=1e-5)
+  images = jnp.asarray(_random((3, 10, 12, 2), 1.0, 8))
+  grads = jax.grad(loss, argnums=(0, 1))(images, disp)
+  per_example = [reference(images[b], disp[b]) for b in range(3)]
+  for got, want in zip(grads, zip(*per_example)):
+    np.testing.assert_allclose(got, np.stack(want), rtol=1e-5, atol=1e-5)
   low = jax.grad(lambda i: jnp.sum(warp(i, disp[0]).astype(jnp.float32)))(
       image.astype(jnp.bfloat16))
   assert low.dtype == jnp.bfloat16
