@@ -205,6 +205,75 @@ def _conv2d_bwd(padding, precision, residuals, cotangent):
 _conv2d_matmul_kernel_grad.defvjp(_conv2d_fwd, _conv2d_bwd)
 
 
+# A stride-1 2-D convolution whose taps times output channels are at most this many times
+# its input channels runs as `_tap_channels_conv`. XLA:CPU's convolutions with few output
+# channels run at 2-27 GFLOP/s against about 100 with 16 or more (jaxlib 0.10.2, README
+# "Speed"); forward + backward at 4x256x256, 3x3, idle: 16 -> 2 (the registration net's
+# velocity head) 41 against 23 ms, 32 -> 4 85 against 64, 48 -> 3 (its 3-D head, depth
+# folded) 119 against 65, 16 -> 3 42 against 37, but 16 -> 4 43 against 47 and 32 -> 8 108
+# against 121; 4x4, 512 -> 1 (the PatchGAN's last) at 2x32x32 28 against 2.5 ms.
+TAP_CHANNELS_RATIO = 2
+
+
+def _tap_weights(rhs: jax.Array) -> jax.Array:
+  """`(*k, C, O)` -> `(C, taps * O)`, the taps in row-major order."""
+  return jnp.moveaxis(rhs, -2, 0).reshape(rhs.shape[-2], -1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _tap_channels_conv(lhs, rhs, padding, precision):
+  """A stride-1 channel-last convolution as one matrix product and a sum of shifted slices
+  (same sums): `z = x @ w`, `w` reshaped `(C, taps * O)`, gives every tap's contribution at
+  once; output voxel `p` adds tap `t`'s channels of `z` at `p + t - lo` (zero outside). For
+  few output channels, far less work than the convolution. `padding`: `(lo, hi)` per axis.
+
+  The gradient is written out (`_tap_channels_bwd`): autodiff's transposes of the slices
+  became one full-size padded array per tap, and a transposed copy of the cotangent fed the
+  weight product (the registration net's step at 4x256x256 took 1.3x longer with them).
+  """
+  ndim = lhs.ndim - 2
+  kernel, out = rhs.shape[:ndim], rhs.shape[-1]
+  z = jnp.einsum("...c,ct->...t", lhs, _tap_weights(rhs).astype(lhs.dtype), precision=precision)
+  z = jnp.pad(z.reshape(*lhs.shape[:-1], *kernel, out),
+              ((0, 0), *padding, *((0, 0),) * (ndim + 1)))
+  sizes = [n - k + 1 for n, k in zip(z.shape[1:1 + ndim], kernel)]
+  y = None
+  for tap in itertools.product(*(range(k) for k in kernel)):
+    term = z[(slice(None), *(slice(t, t + n) for t, n in zip(tap, sizes)), *tap)]
+    y = term if y is None else y + term
+  return y
+
+
+def _tap_channels_fwd(lhs, rhs, padding, precision):
+  return _tap_channels_conv(lhs, rhs, padding, precision), (lhs, rhs)
+
+
+def _tap_channels_bwd(padding, precision, residuals, cotangent):
+  """`dz[r, t] = dy[r + lo - t]` (zero outside), as slices of one padded cotangent; then
+  `dx = dz @ w.T` and `dw = x.T @ dz`, contracting the leading axes (see `_conv2d_bwd`)."""
+  lhs, rhs = residuals
+  ndim = lhs.ndim - 2
+  kernel, spatial = rhs.shape[:ndim], lhs.shape[1:-1]
+  # Negative pads crop: the padding may exceed the kernel.
+  padded = jax.lax.pad(cotangent, jnp.zeros((), cotangent.dtype),
+                       [(0, 0, 0), *((k - 1 - lo, k - 1 - hi, 0)
+                                     for k, (lo, hi) in zip(kernel, padding)), (0, 0, 0)])
+  d_z = jnp.stack([
+      padded[(slice(None), *(slice(k - 1 - t, k - 1 - t + n)
+                             for k, t, n in zip(kernel, tap, spatial)))]
+      for tap in itertools.product(*(range(k) for k in kernel))], axis=-2)
+  d_z = d_z.reshape(-1, math.prod(kernel) * rhs.shape[-1])
+  weights = _tap_weights(rhs).astype(lhs.dtype)
+  d_x = jnp.einsum("mt,ct->mc", d_z, weights, precision=precision).reshape(lhs.shape)
+  d_w = jax.lax.dot_general(lhs.reshape(-1, lhs.shape[-1]), d_z, (((0,), (0,)), ((), ())),
+                            precision=precision, preferred_element_type=jnp.float32)
+  d_w = jnp.moveaxis(d_w.reshape(rhs.shape[-2], *kernel, rhs.shape[-1]), 0, -2)
+  return d_x.astype(lhs.dtype), d_w.astype(rhs.dtype)
+
+
+_tap_channels_conv.defvjp(_tap_channels_fwd, _tap_channels_bwd)
+
+
 def _depthwise_shifted_sum(lhs, rhs, window_strides, padding, lhs_dilation):
   """A channel-last depthwise convolution (one feature group per channel, kernel
   `(*k, 1, C)`) as a sum over the taps of strided slices times the tap's weights (same sums).
@@ -241,9 +310,10 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, *, lhs_dilation=None
   Channel-last depthwise convolutions run as shifted sums (`_depthwise_shifted_sum`). Of the
   others only plain channel-last ones (no dilation, one feature group) are rewritten: 3-D
   convolutions run as 2-D ones with the depth taps folded into the channels, strided 3-D ones
-  first becoming stride-1 ones over space-to-depth blocks; stride-1 2-D ones with a 2x2
-  kernel, or large and wide (`MATMUL_KERNEL_GRAD_*`), get a kernel gradient of matrix
-  products (`cpu_rewrites`).
+  first becoming stride-1 ones over space-to-depth blocks; stride-1 2-D ones with few output
+  channels (`TAP_CHANNELS_RATIO`) run as one matrix product and shifted sums; other stride-1
+  2-D ones with a 2x2 kernel, or large and wide (`MATMUL_KERNEL_GRAD_*`), get a kernel
+  gradient of matrix products (`cpu_rewrites`).
   Everything else, strided 1-D and 2-D ones included, goes to lax.
   """
   ndim = lhs.ndim - 2
@@ -264,14 +334,17 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, *, lhs_dilation=None
     if ndim == 3:
       return _depth_folded_conv(lhs, rhs, window_strides, padding, precision=precision,
                                 **kwargs)
-    wide = (rhs.shape[-1] >= MATMUL_KERNEL_GRAD_FEATURES
-            and lhs.shape[-1] * rhs.shape[-1] >= MATMUL_KERNEL_GRAD_WEIGHTS
-            and math.prod(lhs.shape[:3]) >= MATMUL_KERNEL_GRAD_VOXELS)
-    if ndim == 2 and not strided and no_extras and (wide or tuple(rhs.shape[:2]) == (2, 2)):
+    if ndim == 2 and not strided and no_extras:
       if isinstance(padding, str):
         padding = jax.lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], (1, 1), padding)
-      return _conv2d_matmul_kernel_grad(lhs, rhs, tuple(tuple(int(p) for p in pair)
-                                                        for pair in padding), precision)
+      pads = tuple(tuple(int(p) for p in pair) for pair in padding)
+      if math.prod(rhs.shape[:2]) * rhs.shape[-1] <= TAP_CHANNELS_RATIO * lhs.shape[-1]:
+        return _tap_channels_conv(lhs, rhs, pads, precision)
+      wide = (rhs.shape[-1] >= MATMUL_KERNEL_GRAD_FEATURES
+              and lhs.shape[-1] * rhs.shape[-1] >= MATMUL_KERNEL_GRAD_WEIGHTS
+              and math.prod(lhs.shape[:3]) >= MATMUL_KERNEL_GRAD_VOXELS)
+      if wide or tuple(rhs.shape[:2]) == (2, 2):
+        return _conv2d_matmul_kernel_grad(lhs, rhs, pads, precision)
   return jax.lax.conv_general_dilated(
       lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
       dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,

@@ -107,14 +107,17 @@ def test_depth_folded_conv_matches_lax(kernel, stride, padding, depth):
 
 
 # The layers' convolution (on CPU: strided 3-D ones over space-to-depth blocks, 3-D ones
-# folded to 2-D, 2x2 and large 2-D ones with a matrix-product kernel gradient) and the
-# space-to-depth form itself, in every rank, against lax's own: values, gradients and second
-# order, odd sizes and uneven padding.
+# folded to 2-D, 2-D ones with few output channels as a product and shifted sums, 2x2 and
+# large 2-D ones with a matrix-product kernel gradient) and the space-to-depth form itself,
+# in every rank, against lax's own: values, gradients and second order, odd sizes and uneven
+# padding.
 @pytest.mark.parametrize("ndim,spatial", [(1, (13,)), (2, (12, 9)), (3, (8, 7, 6))])
 @pytest.mark.parametrize("kernel,stride,padding", [
     (4, 2, 1), (3, 2, "SAME"), (4, 2, "VALID"), (5, 3, ((2, 1),)), (2, 2, 0), (3, 1, "SAME"),
     (2, 1, "VALID")])
-@pytest.mark.parametrize("features", [4, 40])  # 40: the matrix-product kernel gradient
+# 1: stride-1 ones as one matrix product and shifted sums (few output channels); 40: the
+# matrix-product kernel gradient.
+@pytest.mark.parametrize("features", [1, 40])
 def test_layers_convolution_matches_lax(ndim, spatial, kernel, stride, padding, features,
                                         monkeypatch):
   from acis_jax.models import layers
@@ -127,8 +130,8 @@ def test_layers_convolution_matches_lax(ndim, spatial, kernel, stride, padding, 
   elif isinstance(padding, tuple):
     padding = padding * ndim
   k1, k2, k3 = jax.random.split(jax.random.key(3), 3)
-  x = jax.random.normal(k1, (2, *spatial, 3))
-  w = jax.random.normal(k2, (kernel,) * ndim + (3, features))
+  x = jax.random.normal(k1, (2, *spatial, 8))
+  w = jax.random.normal(k2, (kernel,) * ndim + (8, features))
   spec = {1: ("NWC", "WIO", "NWC"), 2: ("NHWC", "HWIO", "NHWC"),
           3: ("NDHWC", "DHWIO", "NDHWC")}[ndim]
   dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, spec)
