@@ -268,6 +268,11 @@ def test_block_max_pool_matches_max_pool(spatial):
   flat = jnp.zeros((1, *(2,) * ndim, 1))
   share = jax.grad(lambda x: 8.0 * block_max_pool(x).sum())(flat)
   np.testing.assert_allclose(share, 8.0 / 2 ** ndim)
+  lower = flat.at[(0,) * (ndim + 2)].set(-1.0)  # the other 2**ndim - 1 voxels tie
+  share = jax.grad(lambda x: 8.0 * block_max_pool(x).sum())(lower)
+  want = np.full(share.shape, 8.0 / (2 ** ndim - 1))
+  want[(0,) * (ndim + 2)] = 0.0
+  np.testing.assert_allclose(share, want, rtol=1e-6)
 
 
 def test_conv_layers_take_the_folded_path_on_cpu_only(monkeypatch):
