@@ -1,7 +1,7 @@
 """Our training and inference steps against MONAI / PyTorch networks of the same shape, same run.
 
     pip install -e ".[bench]"            # torch and MONAI: for this script only
-    python benchmarks/peers.py           # every row below (about 15 minutes on 2 CPU cores)
+    python benchmarks/peers.py           # every row below (about 5 minutes on 2 CPU cores)
     python benchmarks/peers.py --nets registration --shapes 256x256:4,64x64x64:1
     python benchmarks/peers.py --ours-only --shapes 256x256:4,192x192x160:1   # GPU/TPU machines
 
