@@ -156,9 +156,9 @@ def _sample_runs(image: jax.Array, coords: jax.Array, images: int, order: int,
   sampled at `coords` `(..., ndim)`, whose points fall in `images` equal runs, one per image.
 
   The images are stacked in one flat `(images * N, C)` array and every point's flat index
-  carries its image's offset, so a batch takes one gather per corner: vmapped, each gather
-  and scatter-add also built `(image, voxel)` index pairs, a third of the time of scaling and
-  squaring's forward + backward at 4x256x256 on CPU.
+  carries its image's offset, so a batch takes one gather per corner. Vmapped, each gather
+  and scatter-add also built `(image, voxel)` index pairs: scaling and squaring's forward +
+  backward at 4x256x256 took 121 ms on CPU against 60-66 ms now.
   """
   spatial, channels = tuple(image.shape[-1 - coords.shape[-1]:-1]), image.shape[-1]
   ndim = len(spatial)
