@@ -210,6 +210,29 @@ def psnr(x: jax.Array, y: jax.Array, data_range: float = 1.0, *,
   return _psnr(x, y, data_range, _spatial_axes(x.ndim, spatial_dims, "psnr"))
 
 
+def high_frequency_energy(images: jax.Array, *, spatial_dims: int | None = None) -> jax.Array:
+  """The mean squared Laplacian (the 2n + 1-point stencil, borders reflected as
+  `scipy.ndimage.laplace` reflects them) of each case: `(*batch,)`. Texture in the quality
+  report, and a term of the refinement, where dropout noise inflates it and blur lowers it.
+
+  Args:
+    images: `(*batch, *spatial)`.
+    spatial_dims: the number of trailing spatial axes (2 or 3); `None` means all axes.
+  """
+  images = _as_float(images)
+  axes = _spatial_axes(images.ndim, spatial_dims, "high_frequency_energy")
+  pad = [(1, 1) if a in axes else (0, 0) for a in range(images.ndim)]
+  padded = jnp.pad(images, pad, mode="symmetric")
+  laplacian = -2.0 * len(axes) * images
+  for axis in axes:
+    for start in (0, 2):
+      laplacian += jax.lax.slice_in_dim(
+          padded[tuple(slice(1, -1) if a in axes and a != axis else slice(None)
+                       for a in range(images.ndim))], start, start + images.shape[axis],
+          axis=axis)
+  return jnp.mean(laplacian ** 2, axis=axes)
+
+
 def _gaussian_blur_valid(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
   """Separable Gaussian filter (sigma 1.5, 11 taps) where the window fits inside the image.
 

@@ -31,7 +31,11 @@ Realism (`refine.realism_weight`; 0 turns it off): the images stage's generator 
 on beside the reward (reconstruction of the real images from their pseudo-masks and labels,
 the adversarial term on the generated pairs), with the image discriminator trained alongside
 so that a lower uncertainty cannot be bought with images it would reject; the annotation
-generator keeps its supervised loss on the real pseudo-masks.
+generator keeps its supervised loss on the real pseudo-masks. Eq. 3 can also be lowered by
+lowering contrast and smoothing texture, which the discriminator lets through; so the
+appearance gap of each generated image to its real case (`appearance_gap`: intensity
+distribution and high-frequency energy, no labels involved) is a term of its own, divided by
+its running standard deviation like the reward's terms, weighed by `refine.appearance_weight`.
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ from acis_jax.train.steps import (StepContext, apply_gradients, image_discrimina
 
 MODES = ("policy_gradient", "backprop")
 # Running statistics the refinement carries in the train state (`Stage.extras`).
-EXTRAS = ("baseline", "uncertainty_var", "label_var")
+EXTRAS = ("baseline", "uncertainty_var", "label_var", "appearance_var")
 
 
 def nearest_real(real_image, real_labels, fake_image, fake_labels, num_classes: int
@@ -106,6 +110,20 @@ def registration_terms(ctx: StepContext, frozen: dict, image, labels, fake_image
     one_pass = jax.checkpoint(one_pass)
   uncertainty, consistency = jax.lax.map(one_pass, jax.random.split(key, ctx.refine.passes))
   return jnp.mean(uncertainty, 0), jnp.mean(consistency, 0)
+
+
+def appearance_gap(fake_image: jax.Array, real_image: jax.Array) -> jax.Array:
+  """`(b,)`: how far each generated image's appearance is from its real case's, in two
+  statistics no label map enters (so the generator cannot meet them by moving what its labels
+  hold): the squared 2-Wasserstein distance between their intensity distributions (sorted
+  intensities), over the real image's variance, plus the squared log ratio of their
+  high-frequency energies (`metrics.high_frequency_energy`)."""
+  b = fake_image.shape[0]
+  fake, real = fake_image.reshape(b, -1), real_image.reshape(b, -1)
+  wasserstein = jnp.mean((jnp.sort(fake, 1) - jnp.sort(real, 1)) ** 2, 1)
+  energy = lambda x: metrics.high_frequency_energy(x[..., 0], spatial_dims=x.ndim - 2)
+  texture = jnp.log((energy(fake_image) + 1e-12) / (energy(real_image) + 1e-12))
+  return wasserstein / (jnp.var(real, 1) + 1e-12) + texture ** 2
 
 
 def running_average(state, name: str, value: jax.Array, decay: float) -> jax.Array:
@@ -218,11 +236,16 @@ def make_refine_step(ctx: StepContext) -> Callable:
                                                     real_labels, noise_key, reward_key)
       realism_loss, realism_out = realism(params, disc_params, image, labels, real_masks,
                                           real_condition, fake_condition, mean, recon_key)
-      total = reward_loss + refine.realism_weight * realism_loss
-      return total, (mean, fake_condition, outcome, realism_out)
+      appearance = appearance_gap(mean, real)
+      appearance_var = running_variance(state, "appearance_var", appearance,
+                                        refine.baseline_decay)
+      total = (reward_loss + refine.realism_weight * realism_loss + refine.appearance_weight
+               * jnp.mean(appearance) / jnp.sqrt(appearance_var + 1e-20))
+      return total, (mean, fake_condition, outcome, realism_out,
+                     (jnp.mean(appearance), appearance_var))
 
-    (total, (mean, fake_condition, outcome, realism_out)), grads = jax.value_and_grad(
-        loss, has_aux=True)({n: state.params[n] for n in generators})
+    (total, (mean, fake_condition, outcome, realism_out, (appearance, appearance_var))
+     ), grads = jax.value_and_grad(loss, has_aux=True)({n: state.params[n] for n in generators})
     reward, uncertainty, consistency, u_var, l_var = outcome
     reconstruction, mse, adversarial = realism_out
     norms = {}
@@ -236,10 +259,11 @@ def make_refine_step(ctx: StepContext) -> Callable:
     mean_reward = jnp.mean(reward)
     baseline = running_average(state, "baseline", mean_reward, refine.baseline_decay)
     state = state.replace(extras={"baseline": baseline, "uncertainty_var": u_var,
-                                  "label_var": l_var})
+                                  "label_var": l_var, "appearance_var": appearance_var})
     metrics = {"loss": total, "reward": mean_reward, "uncertainty": jnp.mean(uncertainty),
                "label_consistency": jnp.mean(consistency), "mse": mse,
-               "adversarial": adversarial, "discriminator_loss": disc_value,
+               "adversarial": adversarial, "appearance_gap": appearance,
+               "discriminator_loss": disc_value,
                "grad_norm": optax.tree.norm(list(norms.values()))}
     return state.next_step(), metrics
 

@@ -230,3 +230,15 @@ def test_psnr_ssim_batch_axis():
     assert float(batch_psnr[i]) == pytest.approx(peak_signal_noise_ratio(a, b, data_range=1.0),
                                                  rel=1e-5)
     assert float(batch_ssim[i]) == pytest.approx(_skimage_ssim(a, b), abs=1e-5)
+
+
+@pytest.mark.parametrize("shape, spatial_dims", [((3, 17, 20), 2), ((2, 9, 10, 11), 3),
+                                                 ((2, 3, 12, 13), 2)])
+def test_high_frequency_energy_is_scipys_mean_squared_laplacian(shape, spatial_dims):
+  images = np.random.default_rng(0).random(shape)
+  cases = images.reshape((-1,) + shape[-spatial_dims:])
+  expected = np.array([np.mean(ndimage.laplace(x) ** 2) for x in cases]).reshape(
+      shape[:-spatial_dims])
+  np.testing.assert_allclose(metrics.high_frequency_energy(images, spatial_dims=spatial_dims),
+                             expected, rtol=1e-5)
+  assert float(metrics.high_frequency_energy(np.full((16, 16), 0.3))) == 0.0

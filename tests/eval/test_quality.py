@@ -3,7 +3,6 @@ scored as if synthetic, copies of training cases, constant images."""
 
 import numpy as np
 import pytest
-from scipy import ndimage
 from skimage import measure
 
 from acis_jax.config_utils import load_config_file
@@ -17,16 +16,6 @@ def _phantoms(n, shape=(32, 32)):
   cases = [chest_phantom(shape, seed=s) for s in range(n)]
   return (np.stack([window_hu(hu) for hu, _ in cases]).astype(np.float32),
           np.stack([labels for _, labels in cases]).astype(np.int32))
-
-
-def test_high_frequency_energy():
-  rng = np.random.default_rng(0)
-  smooth = ndimage.gaussian_filter(rng.uniform(size=(2, 32, 32)), 3)
-  noisy = smooth + 0.1 * rng.standard_normal(smooth.shape)
-  assert quality.high_frequency_energy(np.full((1, 16, 16), 0.3))[0] == 0.0
-  assert np.all(quality.high_frequency_energy(noisy) > 10 * quality.high_frequency_energy(smooth))
-  np.testing.assert_allclose(quality.high_frequency_energy(3 * smooth),
-                             9 * quality.high_frequency_energy(smooth))
 
 
 def test_label_islands_count_components_beyond_the_largest_as_scikit_image_does():

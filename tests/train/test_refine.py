@@ -71,6 +71,18 @@ def test_running_variance_starts_at_the_batch_and_then_averages():
                              0.9 * 5 + 0.1 * np.var([1, 2, 4]), rtol=1e-6)
 
 
+def test_appearance_gap_against_its_closed_form():
+  """0 for the real image and for any rearrangement of its voxels whose Laplacian energy is
+  the same (a flip); contrast k about the image mean: (1 - k)^2 + log(k^2)^2."""
+  images = jnp.asarray(np.random.default_rng(1).random((2, 16, 16, 1)).astype(np.float32))
+  np.testing.assert_allclose(refine.appearance_gap(images, images), 0.0, atol=1e-6)
+  np.testing.assert_allclose(refine.appearance_gap(images[:, ::-1], images), 0.0, atol=1e-6)
+  centre = jnp.mean(images, (1, 2, 3), keepdims=True)
+  k = 0.5
+  np.testing.assert_allclose(refine.appearance_gap(centre + k * (images - centre), images),
+                             (1 - k) ** 2 + np.log(k ** 2) ** 2, rtol=1e-4)
+
+
 def _setup(mode, **weights):
   config = small_config()
   config.refine.mode = mode
@@ -111,6 +123,14 @@ def test_which_network_each_term_moves():
   for name in ("image_generator", "annotation_generator"):
     assert not _changed(state.params[name], new.params[name]), name
   assert _changed(state.params["image_discriminator"], new.params["image_discriminator"])
+
+  # The appearance gap alone: it reaches the image directly, the labels only through it.
+  ctx, state, frozen, batch = _setup("policy_gradient", uncertainty_weight=0.0,
+                                     label_weight=0.0, realism_weight=0.0, appearance_weight=1.0)
+  new, metrics = refine.make_refine_step(ctx)(state, frozen, batch, jax.random.key(1))
+  assert float(metrics["appearance_gap"]) > 0
+  assert _changed(state.params["image_generator"], new.params["image_generator"])
+  assert not _changed(state.params["annotation_generator"], new.params["annotation_generator"])
 
 
 def _image_generator_gradients(mode, keys):
