@@ -102,7 +102,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.refine.realism_weight = 3.0       # the images stage's objective alongside; 0 = off
   # The appearance gap (intensity distribution, texture) to the matched real case, over its
   # running std: at 1 it halved the lungs' brightening and kept the texture, with the reward's
-  # gains (README "The appearance term"); 3 cancelled most of them.
+  # gains (README "The appearance term"); 3 cancelled most of them. It cost :swap's U-Net
+  # 0.5-0.8 Dice (README, "The other way round"): 0 where downstream Dice is all that counts.
   config.refine.appearance_weight = 1.0
   config.refine.actions = 4                # policy_gradient: K actions per sample (1: the
                                            # paper's moving-average baseline)
