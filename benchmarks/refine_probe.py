@@ -32,7 +32,7 @@ from flax import nnx
 
 from acis_jax.config_utils import load_config_file
 from acis_jax.eval import arms, quality, splits
-from acis_jax.jobs.synthesize import make_sampler
+from acis_jax.jobs.synthesize import drawn_batches, make_sampler
 from acis_jax.models.registration import register
 from acis_jax.rng import step_key, stream_key
 from acis_jax.train import refine, trainer
@@ -80,16 +80,9 @@ def refined_generators(config, root: Workdir, data) -> dict:
 
 def draw_pairs(config, params: dict, count: int):
   """`(images (count, *spatial), labels)` drawn as `synthesize` draws them."""
-  sample = make_sampler(config)
-  key = stream_key(config.seed, "synthesize")
-  size = config.synthesize.batch_size
-  images, labels = [], []
-  for start in range(0, count, size):
-    _, y, x = jax.device_get(sample(params, jax.random.fold_in(key, start), start,
-                                    min(size, count - start)))
-    images.append(x[..., 0])
-    labels.append(y)
-  return np.concatenate(images), np.concatenate(labels)
+  drawn = [batch for _, batch in drawn_batches(config, make_sampler(config), params, count)]
+  return (np.concatenate([x[..., 0] for _, _, x in drawn]),
+          np.concatenate([y for _, y, _ in drawn]))
 
 
 def row(name: str, result: dict, effect: dict | None, against: dict | None,
@@ -107,7 +100,7 @@ def row(name: str, result: dict, effect: dict | None, against: dict | None,
     e = against[measure]
     return f"{e['acis']:.4g} ({e.get('p_lower', e.get('p_higher')):.2g})"
 
-  side = "real" if effect is None and name == "real slices" else "synthetic"
+  side = "real" if name == "real slices" else "synthetic"
   intensity = result["intensity"][side]
   hu = " / ".join("-" if intensity[c] is None else f"{intensity[c]['mean']:.0f}" for c in classes)
   spread = " / ".join("-" if intensity[c] is None else f"{intensity[c]['std']:.0f}"

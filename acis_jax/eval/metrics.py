@@ -223,13 +223,13 @@ def high_frequency_energy(images: jax.Array, *, spatial_dims: int | None = None)
   axes = _spatial_axes(images.ndim, spatial_dims, "high_frequency_energy")
   pad = [(1, 1) if a in axes else (0, 0) for a in range(images.ndim)]
   padded = jnp.pad(images, pad, mode="symmetric")
+  centre = [slice(1, -1) if a in axes else slice(None) for a in range(images.ndim)]
   laplacian = -2.0 * len(axes) * images
   for axis in axes:
-    for start in (0, 2):
-      laplacian += jax.lax.slice_in_dim(
-          padded[tuple(slice(1, -1) if a in axes and a != axis else slice(None)
-                       for a in range(images.ndim))], start, start + images.shape[axis],
-          axis=axis)
+    for start in (0, 2):  # the two neighbours along `axis`
+      index = list(centre)
+      index[axis] = slice(start, start + images.shape[axis])
+      laplacian += padded[tuple(index)]
   return jnp.mean(laplacian ** 2, axis=axes)
 
 

@@ -107,6 +107,17 @@ def make_sampler(config, cases=None):
   return sample
 
 
+def drawn_batches(config, sample, params, count: int):
+  """Yields `(start, (pseudo-masks, labels, images))` on the host for pairs 0 .. count - 1,
+  `synthesize.batch_size` at a time, each batch with its synthesis key: the same keys for any
+  parameters, so that pair k of ACIS and of ACIS- differ only by the refinement."""
+  key = stream_key(config.seed, "synthesize")
+  size = config.synthesize.batch_size
+  for start in range(0, count, size):
+    yield start, jax.device_get(sample(params, jax.random.fold_in(key, start), start,
+                                       min(size, count - start)))
+
+
 def registered_cases(config, data: TrainingData, label_maps: np.ndarray) -> np.ndarray:
   """Images `(m, *spatial, 1)`: for each label map, the real case nearest to it (highest mean
   Dice, `metrics.label_distances`) moved onto it by `register_labels`."""
@@ -134,15 +145,13 @@ def write_pairs(config, workdir: Workdir, arm: str, cases) -> None:
     return
   sample = make_sampler(config, cases)
   settings = config.synthesize
-  key = stream_key(config.seed, "synthesize")  # the same for ACIS and ACIS-
   final = workdir.synthetic(arm)
   title = pairs_title(config.synthesizer, arm)
   sheet = []
   with replaced_folder(final) as out_dir:
-    for start in range(0, settings.num_samples, settings.batch_size):
-      size = min(settings.batch_size, settings.num_samples - start)
-      masks, labels, images = jax.device_get(
-          sample(params, jax.random.fold_in(key, start), start, size))
+    for start, (masks, labels, images) in drawn_batches(config, sample, params,
+                                                        settings.num_samples):
+      size = len(images)
       for i in range(size):
         name = synthetic_name(start + i)
         hu = np.round(unwindow_hu(images[i, ..., 0])).astype(np.int16)
