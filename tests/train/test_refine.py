@@ -102,23 +102,26 @@ def _changed(before, after) -> bool:
              zip(jax.tree.leaves(before), jax.tree.leaves(after))) > 0
 
 
+# Every term but eq. 3's uncertainty switched off.
+EQ3_ALONE = dict(label_weight=0.0, realism_weight=0.0, appearance_weight=0.0)
+
+
 def test_which_network_each_term_moves():
   """Policy gradient on eq. 3 alone moves the image generator and not the annotation
   generator (the image sees the labels without gradient); backprop reaches the annotation
   generator through the image's condition; with every weight 0 the generators stand still
   while the discriminator trains."""
-  ctx, state, frozen, batch = _setup("policy_gradient", label_weight=0.0, realism_weight=0.0)
+  ctx, state, frozen, batch = _setup("policy_gradient", **EQ3_ALONE)
   new, metrics = refine.make_refine_step(ctx)(state, frozen, batch, jax.random.key(1))
   assert all(np.isfinite(float(v)) for v in metrics.values())
   assert _changed(state.params["image_generator"], new.params["image_generator"])
   assert not _changed(state.params["annotation_generator"], new.params["annotation_generator"])
 
-  ctx, state, frozen, batch = _setup("backprop", label_weight=0.0, realism_weight=0.0)
+  ctx, state, frozen, batch = _setup("backprop", **EQ3_ALONE)
   new, _ = refine.make_refine_step(ctx)(state, frozen, batch, jax.random.key(1))
   assert _changed(state.params["annotation_generator"], new.params["annotation_generator"])
 
-  ctx, state, frozen, batch = _setup("policy_gradient", uncertainty_weight=0.0,
-                                     label_weight=0.0, realism_weight=0.0)
+  ctx, state, frozen, batch = _setup("policy_gradient", uncertainty_weight=0.0, **EQ3_ALONE)
   new, _ = refine.make_refine_step(ctx)(state, frozen, batch, jax.random.key(1))
   for name in ("image_generator", "annotation_generator"):
     assert not _changed(state.params[name], new.params[name]), name
@@ -126,7 +129,7 @@ def test_which_network_each_term_moves():
 
   # The appearance gap alone: it reaches the image directly, the labels only through it.
   ctx, state, frozen, batch = _setup("policy_gradient", uncertainty_weight=0.0,
-                                     label_weight=0.0, realism_weight=0.0, appearance_weight=1.0)
+                                     **{**EQ3_ALONE, "appearance_weight": 1.0})
   new, metrics = refine.make_refine_step(ctx)(state, frozen, batch, jax.random.key(1))
   assert float(metrics["appearance_gap"]) > 0
   assert _changed(state.params["image_generator"], new.params["image_generator"])
@@ -136,7 +139,7 @@ def test_which_network_each_term_moves():
 def _image_generator_gradients(mode, keys):
   """The image generator's update under SGD with rate 1 (minus the gradient) of eq. 3's term
   alone, one per key, from the same state."""
-  ctx, state, frozen, batch = _setup(mode, label_weight=0.0, realism_weight=0.0)
+  ctx, state, frozen, batch = _setup(mode, **EQ3_ALONE)
   step = jax.jit(refine.make_refine_step(ctx))
   before = jnp.concatenate([x.ravel() for x in jax.tree.leaves(state.params["image_generator"])])
   out = []
