@@ -90,7 +90,7 @@ def test_missing_file(tmp_path):
     ("text.nii.gz", b"not gzip"),
     ("text.nii.gz", gzip.compress(b"x" * 400)),
     ("notes.txt", b"hello"),
-])
+], ids=["not-gzip", "gzip-not-nifti", "text"])
 def test_not_nifti(tmp_path, name, content):
   path = tmp_path / name
   path.write_bytes(content)

@@ -64,7 +64,8 @@ def test_remat_gives_same_values_and_gradients(rngs):
     return jnp.mean(jnp.square(model(x)))
 
   np.testing.assert_allclose(plain(x), remat(x), rtol=1e-6)
-  g_plain, g_remat = nnx.grad(loss)(plain), nnx.grad(loss)(remat)
+  gradient = nnx.jit(nnx.grad(loss))
+  g_plain, g_remat = gradient(plain), gradient(remat)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
                g_plain, g_remat)
 
@@ -96,11 +97,12 @@ def test_depth_folded_conv_matches_lax(kernel, stride, padding, depth):
     return _depth_folded_conv(x, w, (stride,) * 3, padding, dimension_numbers=dn,
                               precision="highest")
 
-  want, got = reference(x, w), folded(x, w)
+  want, got = jax.jit(reference)(x, w), jax.jit(folded)(x, w)
   assert got.shape == want.shape
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
   cotangent = jax.random.normal(k3, want.shape)
-  grads = [jax.grad(lambda x, w, f=f: jnp.sum(f(x, w) * cotangent), argnums=(0, 1))(x, w)
+  grads = [jax.jit(jax.grad(lambda x, w, f=f: jnp.sum(f(x, w) * cotangent),
+                            argnums=(0, 1)))(x, w)
            for f in (reference, folded)]
   for want_g, got_g in zip(*grads):
     np.testing.assert_allclose(got_g, want_g, rtol=1e-5, atol=1e-4)
@@ -141,15 +143,17 @@ def test_layers_convolution_matches_lax(ndim, spatial, kernel, stride, padding, 
   convs.append(lambda x, w: _space_to_depth_conv(x, w, (stride,) * ndim, padding,
                                                  precision="highest"))
   reference, rewritten = convs[0], convs[1:] if stride > 1 else convs[1:2]
-  want = reference(x, w)
+  # Compiled whole: op by op, the rewritten forms' many small operations take far longer.
+  want = jax.jit(reference)(x, w)
   cotangent = jax.random.normal(k3, want.shape)
-  grad = lambda f: jax.grad(lambda x, w: jnp.sum(f(x, w) * cotangent), argnums=(0, 1))(x, w)
+  grad = lambda f: jax.jit(jax.grad(lambda x, w: jnp.sum(f(x, w) * cotangent),
+                                    argnums=(0, 1)))(x, w)
   # Second order, as in the WGAN-GP gradient penalty: d/dw of |d loss / dx|^2.
-  penalty = lambda f: jax.grad(lambda w: jnp.sum(jax.grad(
-      lambda x: jnp.sum(jnp.sin(f(x, w)) * cotangent))(x) ** 2))(w)
+  penalty = lambda f: jax.jit(jax.grad(lambda w: jnp.sum(jax.grad(
+      lambda x: jnp.sum(jnp.sin(f(x, w)) * cotangent))(x) ** 2)))(w)
   want_grads, want_penalty = grad(reference), penalty(reference)
   for f in rewritten:
-    got = f(x, w)
+    got = jax.jit(f)(x, w)
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
     for want_g, got_g in zip(want_grads, grad(f)):
@@ -181,11 +185,12 @@ def test_depthwise_convolution_matches_lax(ndim, spatial, kernel, stride, paddin
                           dimension_numbers=dn, feature_group_count=channels,
                           precision="highest")
       for f in (jax.lax.conv_general_dilated, conv_general_dilated))
-  want, got = reference(x, w), rewritten(x, w)
+  want, got = jax.jit(reference)(x, w), jax.jit(rewritten)(x, w)
   assert got.shape == want.shape
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   cotangent = jax.random.normal(k3, want.shape)
-  grads = [jax.grad(lambda x, w, f=f: jnp.sum(f(x, w) * cotangent), argnums=(0, 1))(x, w)
+  grads = [jax.jit(jax.grad(lambda x, w, f=f: jnp.sum(f(x, w) * cotangent),
+                            argnums=(0, 1)))(x, w)
            for f in (reference, rewritten)]
   for want_g, got_g in zip(*grads):
     np.testing.assert_allclose(got_g, want_g, rtol=1e-5, atol=1e-4)
@@ -205,8 +210,10 @@ def test_transposed_upsampling_matches_conv_transpose(ndim):
     y = module.conv(x) if lax_path else module(x)
     return jnp.sum(y * cotangent), y
 
-  (_, want), want_g = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x, True)
-  (_, got), got_g = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x, False)
+  value_and_grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True),
+                           static_argnums=2)
+  (_, want), want_g = value_and_grad(params, x, True)
+  (_, got), got_g = value_and_grad(params, x, False)
   assert got.shape == want.shape == cotangent.shape
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   for a, b in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)):
@@ -242,8 +249,9 @@ def test_up_concat_conv_matches_upsample_concat_and_lax(ndim, coarse, monkeypatc
     y = layers.up_concat_conv(nnx.merge(graphdef, params).conv, x, skip)
     return jnp.sum(y * cotangent), y
 
-  (_, want), want_g = jax.value_and_grad(reference, (0, 1, 2), has_aux=True)(params, x, skip)
-  (_, got), got_g = jax.value_and_grad(ours, (0, 1, 2), has_aux=True)(params, x, skip)
+  (_, want), want_g = jax.jit(jax.value_and_grad(reference, (0, 1, 2), has_aux=True))(
+      params, x, skip)
+  (_, got), got_g = jax.jit(jax.value_and_grad(ours, (0, 1, 2), has_aux=True))(params, x, skip)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   for a, b in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
