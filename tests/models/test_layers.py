@@ -77,6 +77,12 @@ def test_bfloat16_compute_keeps_float32_params(rngs):
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(block, nnx.Param)))
 
 
+def _input_and_kernel_gradients(f, x, w, cotangent):
+  """d sum(f(x, w) * cotangent) / d(x, w), compiled whole: op by op, the rewritten
+  convolutions' many small operations take far longer."""
+  return jax.jit(jax.grad(lambda x, w: jnp.sum(f(x, w) * cotangent), argnums=(0, 1)))(x, w)
+
+
 # The CPU path for 3-D convolutions (depth taps folded into channels, one 2-D convolution)
 # against XLA's own 3-D convolution: values and gradients w.r.t. input and kernel.
 @pytest.mark.parametrize("kernel,stride,padding,depth", [
@@ -101,9 +107,7 @@ def test_depth_folded_conv_matches_lax(kernel, stride, padding, depth):
   assert got.shape == want.shape
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
   cotangent = jax.random.normal(k3, want.shape)
-  grads = [jax.jit(jax.grad(lambda x, w, f=f: jnp.sum(f(x, w) * cotangent),
-                            argnums=(0, 1)))(x, w)
-           for f in (reference, folded)]
+  grads = [_input_and_kernel_gradients(f, x, w, cotangent) for f in (reference, folded)]
   for want_g, got_g in zip(*grads):
     np.testing.assert_allclose(got_g, want_g, rtol=1e-5, atol=1e-4)
 
@@ -143,11 +147,9 @@ def test_layers_convolution_matches_lax(ndim, spatial, kernel, stride, padding, 
   convs.append(lambda x, w: _space_to_depth_conv(x, w, (stride,) * ndim, padding,
                                                  precision="highest"))
   reference, rewritten = convs[0], convs[1:] if stride > 1 else convs[1:2]
-  # Compiled whole: op by op, the rewritten forms' many small operations take far longer.
   want = jax.jit(reference)(x, w)
   cotangent = jax.random.normal(k3, want.shape)
-  grad = lambda f: jax.jit(jax.grad(lambda x, w: jnp.sum(f(x, w) * cotangent),
-                                    argnums=(0, 1)))(x, w)
+  grad = lambda f: _input_and_kernel_gradients(f, x, w, cotangent)
   # Second order, as in the WGAN-GP gradient penalty: d/dw of |d loss / dx|^2.
   penalty = lambda f: jax.jit(jax.grad(lambda w: jnp.sum(jax.grad(
       lambda x: jnp.sum(jnp.sin(f(x, w)) * cotangent))(x) ** 2)))(w)
@@ -189,9 +191,7 @@ def test_depthwise_convolution_matches_lax(ndim, spatial, kernel, stride, paddin
   assert got.shape == want.shape
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   cotangent = jax.random.normal(k3, want.shape)
-  grads = [jax.jit(jax.grad(lambda x, w, f=f: jnp.sum(f(x, w) * cotangent),
-                            argnums=(0, 1)))(x, w)
-           for f in (reference, rewritten)]
+  grads = [_input_and_kernel_gradients(f, x, w, cotangent) for f in (reference, rewritten)]
   for want_g, got_g in zip(*grads):
     np.testing.assert_allclose(got_g, want_g, rtol=1e-5, atol=1e-4)
 
